@@ -1,0 +1,155 @@
+"""Event schemas of the external contract: transactions, alerts, DLQ records, reason codes.
+
+Every service imports these names; nothing retypes a field name or a rule id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, Final, TypedDict
+
+# --- transactions ----------------------------------------------------------------------------
+
+PAYMENT_METHODS: Final = ("card", "PayPal", "apple_pay", "bank_transfer")
+PAYPAL: Final = "PayPal"
+
+
+class Transaction(TypedDict):
+    transaction_id: str
+    user_id: str
+    amount: float
+    currency: str
+    timestamp: str
+    location: str
+    payment_method: str
+    merchant_id: str
+    device_ip: str
+    is_fraud: bool
+    fraud_pattern: str | None
+
+
+#: Required fields and the JSON types each accepts (bool is never a number here).
+REQUIRED_FIELDS: Final[dict[str, tuple[type, ...]]] = {
+    "transaction_id": (str,),
+    "user_id": (str,),
+    "amount": (int, float),
+    "currency": (str,),
+    "timestamp": (str,),
+    "location": (str,),
+    "payment_method": (str,),
+    "merchant_id": (str,),
+    "device_ip": (str,),
+}
+#: Optional ground-truth fields: written by the generator, never read by the rules.
+OPTIONAL_FIELDS: Final[dict[str, tuple[type, ...]]] = {
+    "is_fraud": (bool,),
+    "fraud_pattern": (str, type(None)),
+}
+TRANSACTION_FIELDS: Final = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)
+
+# --- rules ------------------------------------------------------------------------------------
+
+HIGH_VALUE: Final = "high_value"
+VELOCITY: Final = "velocity"
+MULTI_LOCATION: Final = "multi_location"
+PAYPAL_MICRO: Final = "paypal_micro"
+RULES: Final = (HIGH_VALUE, VELOCITY, MULTI_LOCATION, PAYPAL_MICRO)
+#: Rules that keep per-user state in event time (high_value is stateless).
+STATEFUL_RULES: Final = (VELOCITY, MULTI_LOCATION, PAYPAL_MICRO)
+
+# --- alerts -----------------------------------------------------------------------------------
+
+
+class Alert(TypedDict):
+    alert_id: str
+    rule: str
+    user_id: str
+    window_start: str
+    window_end: str
+    transaction_count: int
+    total_amount: float
+    locations: list[str]
+    transaction_ids: list[str]
+    reason: str
+    detected_at: str
+
+
+ALERT_FIELDS: Final = tuple(Alert.__annotations__)
+
+
+def alert_id(rule: str, user_id: str, transaction_ids: Iterable[str]) -> str:
+    """Deterministic id: the same evidence always yields the same id, so a replay after a crash
+    can be deduplicated downstream."""
+    evidence = ",".join(sorted(transaction_ids))
+    return hashlib.sha256(f"{rule}|{user_id}|{evidence}".encode()).hexdigest()[:32]
+
+
+# --- dead-letter records ----------------------------------------------------------------------
+
+# Reason codes for bad input (SPEC.md "bad input"), one per class.
+EMPTY_VALUE: Final = "empty_value"
+VALUE_TOO_LARGE: Final = "value_too_large"
+INVALID_UTF8: Final = "invalid_utf8"
+INVALID_JSON: Final = "invalid_json"
+DUPLICATE_KEY: Final = "duplicate_key"
+NOT_AN_OBJECT: Final = "not_an_object"
+MISSING_FIELD: Final = "missing_field"
+WRONG_TYPE: Final = "wrong_type"
+INVALID_AMOUNT: Final = "invalid_amount"
+INVALID_TIMESTAMP: Final = "invalid_timestamp"
+FUTURE_TIMESTAMP: Final = "future_timestamp"
+INVALID_PAYMENT_METHOD: Final = "invalid_payment_method"
+REASON_CODES: Final = (
+    EMPTY_VALUE, VALUE_TOO_LARGE, INVALID_UTF8, INVALID_JSON, DUPLICATE_KEY, NOT_AN_OBJECT,
+    MISSING_FIELD, WRONG_TYPE, INVALID_AMOUNT, INVALID_TIMESTAMP, FUTURE_TIMESTAMP,
+    INVALID_PAYMENT_METHOD,
+)
+
+
+class DeadLetter(TypedDict):
+    """JSON value written to the DLQ topic (key: the original key)."""
+
+    reason: str
+    error: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    raw_value: str
+    rejected_at: str
+
+
+DLQ_FIELDS: Final = tuple(DeadLetter.__annotations__)
+
+# --- time -------------------------------------------------------------------------------------
+
+
+def format_timestamp(moment: datetime) -> str:
+    """ISO-8601 UTC with milliseconds and a ``Z`` suffix, as in SPEC.md."""
+    if moment.tzinfo is None:
+        raise ValueError("event time must carry a timezone")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse an ISO-8601 timestamp that carries a timezone (``Z`` or an offset).
+
+    Raises ValueError for anything else, including a timestamp without a timezone: event time
+    with no zone is ambiguous and is rejected rather than guessed.
+    """
+    if not isinstance(text, str) or not text:
+        raise ValueError("timestamp must be a non-empty string")
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("timestamp has no timezone")
+    return moment.astimezone(UTC)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_json_ready(record: dict[str, Any]) -> dict[str, Any]:
+    """Copy of a record with datetimes rendered per the contract (for JSON encoding)."""
+    return {k: format_timestamp(v) if isinstance(v, datetime) else v for k, v in record.items()}
