@@ -153,3 +153,36 @@ def utc_now() -> datetime:
 def to_json_ready(record: dict[str, Any]) -> dict[str, Any]:
     """Copy of a record with datetimes rendered per the contract (for JSON encoding)."""
     return {k: format_timestamp(v) if isinstance(v, datetime) else v for k, v in record.items()}
+
+# --- Parquet layout and detector metrics --------------------------------------------------------
+
+#: Datasets under the Parquet root. Each is written by Spark per micro-batch as
+#: ``<dataset>/batch_id=<N>/part-*.parquet`` (hive-style), overwritten whole when a batch is
+#: replayed, so a replay never leaves duplicate rows. Read with pyarrow.dataset(partitioning="hive").
+ALERTS_DATASET: Final = "alerts"
+TRANSACTIONS_DATASET: Final = "transactions"
+DLQ_DATASET: Final = "dlq"
+#: Not a Parquet dataset: the detector's JSON-lines metrics live in ``_metrics/detector.jsonl``
+#: (the leading underscore keeps Parquet readers out of it).
+METRICS_FOLDER: Final = "_metrics"
+METRICS_FILE_NAME: Final = "detector.jsonl"
+
+
+class BatchMetrics(TypedDict):
+    """One JSON line per micro-batch in the detector's metrics file."""
+
+    batch_id: int
+    written_at: str  # ISO-8601 UTC
+    input_rows: int
+    valid_rows: int
+    dlq_rows: int
+    late_rows: int  # dropped from the windowed rules by the watermark
+    alerts: dict[str, int]  # rule id -> alerts emitted in this batch
+    batch_seconds: float
+    rows_per_second: float
+    watermark: str | None  # ISO-8601 UTC, None before the first event
+    #: event->alert latency over this batch's alerts: detected_at minus the Kafka timestamp of
+    #: the transaction that made the rule true, in milliseconds (None when no alerts)
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    latency_ms_max: float | None

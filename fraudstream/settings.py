@@ -460,7 +460,7 @@ class ProducerSettings(KafkaSettings):
     duration: float | None = setting(
         None, env="PRODUCER_DURATION", minimum=0.1, help="stop after N seconds"
     )
-    users: int = setting(1000, env="PRODUCER_USERS", minimum=1, help="distinct simulated users")
+    users: int = setting(5000, env="PRODUCER_USERS", minimum=1, help="distinct simulated users")
     merchants: int = setting(200, env="PRODUCER_MERCHANTS", minimum=1, help="distinct merchants")
     seed: int | None = setting(None, env="PRODUCER_SEED", help="random seed (same seed, same stream)")
     fraud_ratio: float = setting(
