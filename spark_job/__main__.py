@@ -1,0 +1,3 @@
+from spark_job.cli import main
+
+main()

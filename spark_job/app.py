@@ -1,0 +1,212 @@
+"""Run the detector: attach the Kafka source, the sinks and the checkpoint to the plan.
+
+Error policy: bad input never stops the job (it goes to the DLQ with a reason code);
+infrastructure errors (broker unreachable past the clients' timeouts, a sink that cannot write)
+fail the batch, the query stops with a clear message and a non-zero exit, and the next start
+resumes from the checkpoint, replaying the unfinished batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.streaming import StreamingQuery
+
+from fraudstream import schemas
+from fraudstream.kafka import BrokerUnavailable, wait_for_broker
+from fraudstream.settings import DetectorSettings, SettingsError
+from spark_job.batch import BatchProcessor, DetectorOutputs
+from spark_job.metrics import MetricsListener
+from spark_job.plan import build_detection_plan
+from spark_job.rules import RuleConfig
+from spark_job.session import build_spark_session
+from spark_job.sinks import (
+    ALERT_ARROW_SCHEMA,
+    DLQ_ARROW_SCHEMA,
+    ConsoleAlertSink,
+    KafkaJsonSink,
+    ParquetBatchSink,
+    RecordSink,
+)
+
+log = logging.getLogger(__name__)
+
+QUERY_NAME = "fraud-detector"
+CHECKPOINT_CONTRACT_FILE = "fraudstream-checkpoint.json"
+#: Bump when the state layout of the windowed rules changes incompatibly.
+STATE_VERSION = 1
+
+
+def source_options(settings: DetectorSettings) -> dict[str, str]:
+    """Options of the ``fraudstream-kafka`` source: client config, topic, limits, decoder."""
+    options = {f"kafka.{k}": v for k, v in settings.client_config().items()}
+    options.update({
+        "topic": settings.transactions_topic,
+        "startingOffsets": settings.starting_offsets,
+        "decoder": "spark_job.validation:decode_transactions",
+        "decoder.max_value_bytes": str(settings.max_value_bytes),
+        "decoder.future_tolerance_seconds": str(settings.future_tolerance_seconds),
+    })
+    if settings.max_rows_per_batch:
+        options["maxRowsPerBatch"] = str(settings.max_rows_per_batch)
+    return options
+
+
+def open_transactions_stream(spark: SparkSession, settings: DetectorSettings) -> DataFrame:
+    """The decoded transactions stream (one read of Kafka per micro-batch)."""
+    if settings.source != "python":
+        raise SettingsError(settings.field_key("source"),
+                            "only the built-in Python source is wired in this build")
+    return spark.readStream.format("fraudstream-kafka").options(**source_options(settings)).load()
+
+
+def build_outputs(settings: DetectorSettings) -> DetectorOutputs:
+    client = settings.client_config()
+    alerts: list[RecordSink] = [
+        ParquetBatchSink(settings.parquet_dir / schemas.ALERTS_DATASET, ALERT_ARROW_SCHEMA),
+        KafkaJsonSink(client, settings.alerts_topic, key_field="user_id",
+                      fields=schemas.ALERT_FIELDS),
+    ]
+    if settings.console_alerts:
+        alerts.append(ConsoleAlertSink())
+    dlq: list[RecordSink] = [
+        ParquetBatchSink(settings.parquet_dir / schemas.DLQ_DATASET, DLQ_ARROW_SCHEMA),
+        KafkaJsonSink(client, settings.dlq_topic, key_field="key", fields=schemas.DLQ_FIELDS),
+    ]
+    return DetectorOutputs(alerts=alerts, dlq=dlq,
+                           bronze_dir=settings.parquet_dir / schemas.TRANSACTIONS_DATASET)
+
+
+def checkpoint_contract(settings: DetectorSettings, config: RuleConfig) -> dict[str, Any]:
+    """What the state in a checkpoint was built with; a mismatch would corrupt it silently."""
+    return {
+        "state_version": STATE_VERSION,
+        "rules": config.fingerprint(),
+        "watermark_seconds": settings.watermark_seconds,
+        "shuffle_partitions": settings.shuffle_partitions,
+        "transactions_topic": settings.transactions_topic,
+    }
+
+
+def check_checkpoint(settings: DetectorSettings, config: RuleConfig) -> None:
+    """Refuse to start on a checkpoint written with incompatible rule settings."""
+    path = settings.checkpoint_dir / CHECKPOINT_CONTRACT_FILE
+    wanted = checkpoint_contract(settings, config)
+    if path.exists():
+        found = json.loads(path.read_text(encoding="utf-8"))
+        if found != wanted:
+            changed = sorted(_diff(found, wanted))
+            raise SettingsError(
+                "CHECKPOINT_DIR",
+                f"{settings.checkpoint_dir} holds state built with different settings "
+                f"({', '.join(changed)}); start with a new CHECKPOINT_DIR (or ./reset.sh) to "
+                "rebuild state from the topic",
+            )
+        return
+    settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
+
+
+class Detector:
+    """The running streaming query and its clean stop."""
+
+    def __init__(self, settings: DetectorSettings, spark: SparkSession | None = None) -> None:
+        self.settings = settings
+        self.config = RuleConfig.from_settings(settings)
+        self.spark = spark
+        self.query: StreamingQuery | None = None
+        self.stop_requested = False
+        self.listener: MetricsListener | None = None
+        self.outputs: DetectorOutputs | None = None
+
+    def start(self) -> StreamingQuery:
+        settings = self.settings
+        check_checkpoint(settings, self.config)
+        if self.spark is None:
+            self.spark = build_spark_session(
+                settings.spark_master, app_name="fraudstream-detector",
+                shuffle_partitions=settings.shuffle_partitions,
+            )
+        stream = open_transactions_stream(self.spark, settings)
+        plan = build_detection_plan(stream, self.config, settings.watermark_seconds)
+        self.outputs = build_outputs(settings)
+        processor = BatchProcessor(self.config, self.outputs)
+        self.listener = MetricsListener(processor, settings.resolved_metrics_file)
+        self.spark.streams.addListener(self.listener)
+        writer = (plan.writeStream.queryName(QUERY_NAME).foreachBatch(processor)
+                  .option("checkpointLocation", str(settings.checkpoint_dir / "query")))
+        if settings.available_now:
+            writer = writer.trigger(availableNow=True)
+        else:
+            writer = writer.trigger(processingTime=f"{int(settings.trigger_seconds * 1000)} milliseconds")
+        self.query = writer.start()
+        log.info("detector started: %s -> %s, %s, console; parquet under %s; checkpoint %s",
+                 settings.transactions_topic, settings.alerts_topic, settings.dlq_topic,
+                 settings.parquet_dir, settings.checkpoint_dir)
+        return self.query
+
+    def request_stop(self, *_args: Any) -> None:
+        self.stop_requested = True
+
+    def wait(self) -> int:
+        """Block until the query ends (available-now done, stop requested, or failure)."""
+        assert self.query is not None
+        query = self.query
+        while query.isActive and not self.stop_requested:
+            query.awaitTermination(0.5)
+        if self.stop_requested and query.isActive:
+            log.info("stop requested: finishing the current batch")
+            query.stop()
+        exception = query.exception()
+        self._flush_metrics()
+        self.close()
+        if exception is not None:
+            log.error("detector stopped on an error (restart resumes from the checkpoint): %s",
+                      str(exception).splitlines()[0])
+            return 1
+        if self.listener:
+            log.info("detector stopped cleanly: %s", self.listener.summary())
+        return 0
+
+    def _flush_metrics(self) -> None:
+        # The listener's last progress event is delivered asynchronously after the query ends.
+        if self.listener is None:
+            return
+        deadline = time.monotonic() + 5
+        while self.listener.processor.outcomes and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.outputs:
+            for sink in (*self.outputs.alerts, *self.outputs.dlq):
+                sink.close()
+
+
+def run(settings: DetectorSettings) -> int:
+    try:
+        wait_for_broker(settings.client_config(), timeout=30)
+    except BrokerUnavailable as exc:
+        log.error("%s; start the broker (./setup.sh) or set KAFKA_BOOTSTRAP_SERVERS", exc)
+        return 1
+    detector = Detector(settings)
+    signal.signal(signal.SIGTERM, detector.request_stop)
+    signal.signal(signal.SIGINT, detector.request_stop)
+    detector.start()
+    return detector.wait()
+

@@ -1,0 +1,109 @@
+"""Per-batch status: one readable log line and one JSON line (``BatchMetrics``) per micro-batch.
+
+Spark's own progress (input rows, duration, watermark, rows dropped by the watermark) arrives in
+a StreamingQueryListener after the batch commits; the batch step's own counts (DLQ rows, alerts
+per rule, latencies) are merged in by batch id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql.streaming import StreamingQueryListener
+
+from fraudstream import schemas
+from spark_job.batch import BatchOutcome, BatchProcessor, percentile
+
+log = logging.getLogger(__name__)
+
+
+def metrics_line(progress: Mapping[str, Any], outcome: BatchOutcome | None) -> schemas.BatchMetrics:
+    """Build the JSON-lines record from Spark's progress dict and the batch's own outcome."""
+    input_rows = int(progress.get("numInputRows") or 0)
+    duration_ms = (progress.get("durationMs") or {}).get("triggerExecution") or 0
+    late = sum(int(op.get("numRowsDroppedByWatermark") or 0)
+               for op in progress.get("stateOperators") or [])
+    dlq = outcome.dlq_rows if outcome else 0
+    latencies = outcome.latencies_ms if outcome else []
+    watermark = (progress.get("eventTime") or {}).get("watermark")
+    if watermark and watermark.startswith("1970-01-01"):
+        watermark = None
+    seconds = duration_ms / 1000
+    return {
+        "batch_id": int(progress.get("batchId", -1)),
+        "written_at": schemas.format_timestamp(datetime.now(UTC)),
+        "input_rows": input_rows,
+        "valid_rows": input_rows - dlq,
+        "dlq_rows": dlq,
+        "late_rows": late,
+        "alerts": {rule: (outcome.alerts.get(rule, 0) if outcome else 0) for rule in schemas.RULES},
+        "batch_seconds": round(seconds, 3),
+        "rows_per_second": round(input_rows / seconds, 1) if seconds > 0 else 0.0,
+        "watermark": watermark,
+        "latency_ms_p50": percentile(latencies, 0.50),
+        "latency_ms_p95": percentile(latencies, 0.95),
+        "latency_ms_max": round(max(latencies), 1) if latencies else None,
+    }
+
+
+def status_text(line: schemas.BatchMetrics) -> str:
+    alerts = " ".join(f"{rule}={n}" for rule, n in line["alerts"].items() if n) or "none"
+    latency = (f" latency p50/p95={line['latency_ms_p50']:.0f}/{line['latency_ms_p95']:.0f} ms"
+               if line["latency_ms_p50"] is not None and line["latency_ms_p95"] is not None else "")
+    return (f"batch {line['batch_id']}: {line['input_rows']} rows in {line['batch_seconds']:.2f} s"
+            f" ({line['rows_per_second']:.0f} rows/s), alerts: {alerts}, dlq={line['dlq_rows']}, "
+            f"late={line['late_rows']}, watermark={line['watermark'] or '-'}{latency}")
+
+
+class MetricsListener(StreamingQueryListener):
+    """Writes a metrics line and logs a status line for every completed batch."""
+
+    def __init__(self, processor: BatchProcessor, path: Path) -> None:
+        self.processor = processor
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.last: schemas.BatchMetrics | None = None
+        self.batches = 0
+        self.totals: dict[str, int] = {"input_rows": 0, "dlq_rows": 0, "late_rows": 0}
+        self.alert_totals: dict[str, int] = dict.fromkeys(schemas.RULES, 0)
+
+    def onQueryStarted(self, event: Any) -> None:
+        log.info("query %s started (run %s)", event.name, event.runId)
+
+    def onQueryProgress(self, event: Any) -> None:
+        progress = json.loads(event.progress.json)
+        batch_id = int(progress.get("batchId", -1))
+        outcome = self.processor.outcomes.pop(batch_id, None)
+        if outcome is None and not progress.get("numInputRows"):
+            return  # an idle trigger: nothing ran, nothing to report
+        line = metrics_line(progress, outcome)
+        with self.lock:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+            self.last = line
+            self.batches += 1
+            for key in self.totals:
+                self.totals[key] += int(line[key])  # type: ignore[literal-required]
+            for rule, count in line["alerts"].items():
+                self.alert_totals[rule] += count
+        log.info("%s", status_text(line))
+
+    def onQueryIdle(self, event: Any) -> None:
+        pass
+
+    def onQueryTerminated(self, event: Any) -> None:
+        if event.exception:
+            log.error("query terminated with an error: %s", event.exception.splitlines()[0])
+
+    def summary(self) -> str:
+        with self.lock:
+            alerts = ", ".join(f"{r}={n}" for r, n in self.alert_totals.items())
+            return (f"{self.batches} batches, {self.totals['input_rows']} rows, alerts: {alerts}, "
+                    f"dlq={self.totals['dlq_rows']}, late={self.totals['late_rows']}")

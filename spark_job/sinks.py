@@ -1,0 +1,199 @@
+"""Output adapters. Each one states its contract for a replayed micro-batch.
+
+Spark replays a batch whose commit did not reach the checkpoint with the same offsets, so the
+same input and (the alert ids being deterministic) the same alerts. Sinks make that safe:
+
+- Parquet sinks overwrite the folder ``batch_id=<N>`` of their dataset whole, so a replay leaves
+  exactly one copy: exactly-once in Parquet.
+- Kafka sinks use an idempotent producer and wait for every delivery before the batch may
+  commit; a replay may publish an alert again, so Kafka is at-least-once with ``alert_id`` as the
+  deduplication key (the console consumer and the dashboard deduplicate on it).
+- ``ListSink`` collects records in memory for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from confluent_kafka import KafkaError, Producer
+
+from fraudstream import schemas
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+
+ALERT_ARROW_SCHEMA = pa.schema([
+    ("alert_id", pa.string()), ("rule", pa.string()), ("user_id", pa.string()),
+    ("window_start", pa.timestamp("us", tz="UTC")), ("window_end", pa.timestamp("us", tz="UTC")),
+    ("transaction_count", pa.int64()), ("total_amount", pa.float64()),
+    ("locations", pa.list_(pa.string())), ("transaction_ids", pa.list_(pa.string())),
+    ("reason", pa.string()), ("detected_at", pa.timestamp("us", tz="UTC")),
+])
+DLQ_ARROW_SCHEMA = pa.schema([
+    ("key", pa.string()), ("topic", pa.string()), ("partition", pa.int32()),
+    ("offset", pa.int64()), ("kafka_timestamp", pa.timestamp("us", tz="UTC")),
+    ("error_reason", pa.string()), ("error_detail", pa.string()), ("raw_value", pa.string()),
+    ("rejected_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+class RecordSink(Protocol):
+    """Receives one micro-batch's records; must be idempotent for a repeated ``batch_id``."""
+
+    def write(self, batch_id: int, records: Sequence[Record]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SinkError(RuntimeError):
+    """An output could not be written; the batch must not commit (it will be replayed)."""
+
+
+def batch_folder(root: Path, batch_id: int) -> Path:
+    return root / f"batch_id={batch_id}"
+
+
+class ParquetBatchSink:
+    """One Parquet file per batch at ``<root>/batch_id=<N>/part-0.parquet``, replaced atomically;
+    an empty batch leaves no folder (and removes one a previous attempt wrote)."""
+
+    def __init__(self, root: Path, schema: pa.Schema) -> None:
+        self.root = root
+        self.schema = schema
+
+    def write(self, batch_id: int, records: Sequence[Record]) -> None:
+        folder = batch_folder(self.root, batch_id)
+        if not records:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        table = pa.Table.from_pylist([{k: r.get(k) for k in self.schema.names} for r in records],
+                                     schema=self.schema)
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / f".part-0.{uuid.uuid4().hex}.tmp"
+        pq.write_table(table, temporary)
+        os.replace(temporary, folder / "part-0.parquet")
+
+    def close(self) -> None:
+        pass
+
+
+class KafkaJsonSink:
+    """JSON records to a topic with an idempotent producer; ``write`` returns only when every
+    record is acknowledged (acks=all), and raises SinkError otherwise."""
+
+    def __init__(self, client_config: Mapping[str, str], topic: str, key_field: str,
+                 fields: Sequence[str], delivery_timeout_s: float = 120.0) -> None:
+        self.topic = topic
+        self.key_field = key_field
+        self.fields = tuple(fields)
+        self.delivery_timeout_s = delivery_timeout_s
+        self.producer = Producer({
+            **client_config,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 2,
+            "message.timeout.ms": int(delivery_timeout_s * 1000),
+        })
+        self.published = 0
+
+    def write(self, batch_id: int, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        errors: list[KafkaError] = []
+
+        def on_delivery(error: KafkaError | None, _message: object) -> None:
+            if error is not None:
+                errors.append(error)
+
+        for record in records:
+            key = record.get(self.key_field)
+            value = {name: record.get(name) for name in self.fields}
+            payload = json.dumps(schemas.to_json_ready(value), separators=(",", ":"),
+                                 ensure_ascii=False)
+            while True:
+                try:
+                    self.producer.produce(self.topic, key=key, value=payload.encode(),
+                                          on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    self.producer.poll(0.1)
+        deadline = time.monotonic() + self.delivery_timeout_s + 5
+        remaining = self.producer.flush(self.delivery_timeout_s)
+        while remaining and time.monotonic() < deadline:
+            remaining = self.producer.flush(1.0)
+        if errors or remaining:
+            first = errors[0] if errors else "delivery timed out"
+            raise SinkError(f"batch {batch_id}: {len(errors) + remaining} of {len(records)} "
+                            f"records not delivered to {self.topic}: {first}")
+        self.published += len(records)
+
+    def close(self) -> None:
+        self.producer.flush(10)
+
+
+RULE_COLOURS = {schemas.HIGH_VALUE: "31", schemas.VELOCITY: "33",
+                schemas.MULTI_LOCATION: "35", schemas.PAYPAL_MICRO: "36"}
+
+
+def format_alert_line(alert: Mapping[str, Any], colour: bool) -> str:
+    detected = alert["detected_at"]
+    when = schemas.format_timestamp(detected) if isinstance(detected, datetime) else str(detected)
+    rule = f"{alert['rule']:<14}"
+    if colour:
+        rule = f"\033[{RULE_COLOURS.get(alert['rule'], '0')}m{rule}\033[0m"
+    return (f"ALERT {when} {rule} user={alert['user_id']:<8} "
+            f"amount={alert['total_amount']:>10.2f} tx={alert['transaction_count']:<3} "
+            f"{alert['reason']}")
+
+
+class ConsoleAlertSink:
+    """Readable alert lines on stdout (the detector's console output)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.colour = self.stream.isatty() and "NO_COLOR" not in os.environ
+
+    def write(self, batch_id: int, records: Sequence[Record]) -> None:
+        for record in records:
+            print(format_alert_line(record, self.colour), file=self.stream)
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class ListSink:
+    """In-memory sink for tests: remembers every write, keyed by batch id like the real ones."""
+
+    def __init__(self) -> None:
+        self.batches: dict[int, list[Record]] = {}
+        self.writes = 0
+
+    def write(self, batch_id: int, records: Sequence[Record]) -> None:
+        self.writes += 1
+        self.batches[batch_id] = list(records)
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for batch in self.batches.values() for r in batch]
+
+    def close(self) -> None:
+        pass
+
+
+def write_all(sinks: Iterable[RecordSink], batch_id: int, records: Sequence[Record]) -> None:
+    for sink in sinks:
+        sink.write(batch_id, records)

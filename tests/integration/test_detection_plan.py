@@ -1,0 +1,109 @@
+"""The detection plan on static input in a real Spark session, checked against the oracle."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from fraudstream import schemas
+from spark_job.batch import BatchProcessor, DetectorOutputs
+from spark_job.oracle import expected_alerts
+from spark_job.plan import build_detection_plan
+from spark_job.rules import RuleConfig
+from spark_job.sinks import ListSink
+from spark_job.validation import TRANSACTION_SPARK_SCHEMA
+
+BASE = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
+CONFIG = RuleConfig()
+
+
+def tx(user: str, seconds: float, *, amount: float = 20.0, location: str = "Lyon",
+       method: str = "card") -> dict[str, Any]:
+    return {
+        "transaction_id": f"{user}-{seconds:08.3f}", "user_id": user, "amount": amount,
+        "currency": "EUR", "timestamp": schemas.format_timestamp(BASE + timedelta(seconds=seconds)),
+        "location": location, "payment_method": method, "merchant_id": "m001",
+        "device_ip": "203.0.113.9", "is_fraud": False, "fraud_pattern": None,
+    }
+
+
+def decoded_row(record: dict[str, Any], offset: int) -> dict[str, Any]:
+    event_time = schemas.parse_timestamp(record["timestamp"])
+    row = {k: v for k, v in record.items() if k != "timestamp"}
+    row.update(key=record["user_id"], topic="transactions", partition=0, offset=offset,
+               kafka_timestamp=event_time, event_time=event_time, error_reason=None,
+               error_detail=None, raw_value=None)
+    return row
+
+
+def rejected_row(offset: int, reason: str) -> dict[str, Any]:
+    row = dict.fromkeys(TRANSACTION_SPARK_SCHEMA.fieldNames())
+    row.update(topic="transactions", partition=0, offset=offset, kafka_timestamp=BASE,
+               error_reason=reason, error_detail="test", raw_value="{oops")
+    return row
+
+
+# Bursts placed at many offsets against 30-s boundaries, and the just-below-threshold cases.
+CASES: list[dict[str, Any]] = []
+for i, offset in enumerate([0, 5, 14.5, 29.999, 30, 31, 45, 59.5]):
+    CASES += [tx(f"burst{i}", offset + 15 * k) for k in range(4)]  # 4 in 45 s
+CASES += [tx("three", s) for s in (0, 20, 40)]  # 3 in 60 s: no alert
+CASES += [tx("spread", s) for s in (0, 20, 40, 65)]  # 4 spanning 65 s: no alert
+CASES += [tx("edge60", s) for s in (0, 20, 40, 60)]  # 4 spanning exactly 60 s: alert
+CASES += [tx("pp50", s * 30, amount=50.0, method="PayPal") for s in range(5)]  # 50.00 isn't micro
+CASES += [tx("pp", s * 50, amount=12.5, method="PayPal") for s in range(4)]  # 4 in 150 s
+CASES += [tx("hv3500", 0, amount=3500.0), tx("hv", 0, amount=3500.01)]
+CASES += [tx("cities130", 0, location="Lyon"), tx("cities130", 130, location="Paris")]
+CASES += [tx("cities", 0, location="Lyon"), tx("cities", 100, location="Paris")]
+# Out of order within the watermark: the earliest event of the burst arrives last.
+CASES += [tx("late", s) for s in (10, 20, 30)] + [tx("late", 0)]
+
+
+@pytest.fixture(scope="module")
+def alerts_from_plan(spark) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # type: ignore[no-untyped-def]
+    rows = [decoded_row(r, i) for i, r in enumerate(CASES)]
+    rows += [rejected_row(10_000, schemas.INVALID_JSON), rejected_row(10_001, schemas.EMPTY_VALUE)]
+    frame = spark.createDataFrame(rows, TRANSACTION_SPARK_SCHEMA)
+    alerts, dlq = ListSink(), ListSink()
+    BatchProcessor(CONFIG, DetectorOutputs(alerts=[alerts], dlq=[dlq]))(
+        build_detection_plan(frame, CONFIG, watermark_seconds=60), 0)
+    return alerts.records, dlq.records
+
+
+def test_plan_matches_the_oracle_exactly(alerts_from_plan) -> None:  # type: ignore[no-untyped-def]
+    alerts, _ = alerts_from_plan
+    expected = {(a["rule"], a["user_id"], a["alert_id"]) for a in expected_alerts(CASES, CONFIG)}
+    assert {(a["rule"], a["user_id"], a["alert_id"]) for a in alerts} == expected
+
+
+def test_boundary_cases(alerts_from_plan) -> None:  # type: ignore[no-untyped-def]
+    alerts, _ = alerts_from_plan
+    by_user: dict[str, list[str]] = {}
+    for alert in alerts:
+        by_user.setdefault(alert["user_id"], []).append(alert["rule"])
+    assert all(by_user.get(f"burst{i}") == [schemas.VELOCITY] for i in range(8))
+    for quiet in ("three", "spread", "pp50", "hv3500", "cities130"):
+        assert quiet not in by_user, quiet
+    assert by_user["edge60"] == [schemas.VELOCITY]
+    assert by_user["pp"] == [schemas.PAYPAL_MICRO]
+    assert by_user["hv"] == [schemas.HIGH_VALUE]
+    assert by_user["cities"] == [schemas.MULTI_LOCATION]
+    assert by_user["late"] == [schemas.VELOCITY]
+
+
+def test_alerts_carry_the_contract_fields(alerts_from_plan) -> None:  # type: ignore[no-untyped-def]
+    alerts, _ = alerts_from_plan
+    velocity = next(a for a in alerts if a["user_id"] == "edge60")
+    assert set(velocity) == set(schemas.ALERT_FIELDS)
+    assert velocity["transaction_count"] == 4
+    assert velocity["window_end"] - velocity["window_start"] == timedelta(seconds=60)
+    assert velocity["reason"] == "4 transactions within 60 s (limit 3)"
+    assert velocity["detected_at"].tzinfo is not None
+
+
+def test_rejected_rows_go_to_the_dead_letter_sinks(alerts_from_plan) -> None:  # type: ignore[no-untyped-def]
+    _, dlq = alerts_from_plan
+    assert sorted(r["reason"] for r in dlq) == [schemas.EMPTY_VALUE, schemas.INVALID_JSON]
+    assert {r["source_offset"] for r in dlq} == {10_000, 10_001}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the suite needs on a fresh machine, then runs pytest.
+# Extra arguments go to pytest (e.g. `bash tests/run.sh -m unit`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests/run.sh: installing system packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "tests/run.sh: missing system packages (${missing[*]}); install them as root or" \
+         "the tests that need them fail under CI and skip elsewhere" >&2
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+echo "tests/run.sh: installing the project with its dev and browser extras"
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[dev,browser]"
+
+export SPARK_LOCAL_IP=127.0.0.1
+exec "$PYTHON" -m pytest "$@"
