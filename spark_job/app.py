@@ -33,6 +33,7 @@ from spark_job.sinks import (
     ParquetBatchSink,
     RecordSink,
 )
+from spark_job.validation import TRANSACTION_DECODER
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def source_options(settings: DetectorSettings) -> dict[str, str]:
     options.update({
         "topic": settings.transactions_topic,
         "startingOffsets": settings.starting_offsets,
-        "decoder": "spark_job.validation:decode_transactions",
+        "decoder": TRANSACTION_DECODER,
         "decoder.max_value_bytes": str(settings.max_value_bytes),
         "decoder.future_tolerance_seconds": str(settings.future_tolerance_seconds),
     })
@@ -154,7 +155,8 @@ class Detector:
         if settings.available_now:
             writer = writer.trigger(availableNow=True)
         else:
-            writer = writer.trigger(processingTime=f"{int(settings.trigger_seconds * 1000)} milliseconds")
+            interval_ms = int(settings.trigger_seconds * 1000)
+            writer = writer.trigger(processingTime=f"{interval_ms} milliseconds")
         self.query = writer.start()
         log.info("detector started: %s -> %s, %s, console; parquet under %s; checkpoint %s",
                  settings.transactions_topic, settings.alerts_topic, settings.dlq_topic,

@@ -113,7 +113,8 @@ def build_detection_plan(transactions: DataFrame, config: RuleConfig,
     """Tagged rows (``kind``) for one foreachBatch: every decoded input row plus the windowed
     rules' alerts. ``transactions`` must have the decoder's columns (``error_reason`` null for
     valid rows, ``event_time`` null for rejected ones so bad input never moves the watermark)."""
-    watermarked = transactions.withWatermark("event_time", f"{int(watermark_seconds * 1000)} milliseconds")
+    lateness = f"{int(watermark_seconds * 1000)} milliseconds"
+    watermarked = transactions.withWatermark("event_time", lateness)
     valid = watermarked.where(F.col("error_reason").isNull())
     by_user = valid.select(*RULE_INPUT_COLUMNS).groupBy("user_id")
     if transactions.isStreaming:
