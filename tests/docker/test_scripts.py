@@ -1,0 +1,381 @@
+"""setup.sh, reset.sh and docker/kafka-init.sh: lint, argument handling, safety rails, and the
+exact Docker commands the scripts issue.
+
+There is no Docker engine here, so the Docker branch of the scripts runs against a recording
+stand-in for the `docker` CLI: that proves which compose commands the scripts send (project
+pinned, volumes only on reset, never a prune), not that Docker runs the stack.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fraudstream import settings, topics
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = ("setup.sh", "reset.sh", "docker/kafka-init.sh")
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git", "run", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
+    "parquet_data", "spark-warehouse", "metastore_db", "benchmarks", "tests", "docs",
+)
+
+
+def require_tool(name: str) -> str:
+    """Path of a CI-installed tool; skipped locally when absent, a failure under CI."""
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed (Debian: apt-get install -y {name})"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI must install it")
+    pytest.skip(message)
+
+
+def make_sandbox(tmp_path: Path) -> Path:
+    """A copy of the repository's scripts and packages, so no test touches the real run/."""
+    root = tmp_path / "fraudstream"
+    shutil.copytree(REPO, root, ignore=COPY_IGNORE)
+    (root / "parquet_data").mkdir()
+    (root / "parquet_data" / ".gitkeep").touch()
+    return root
+
+
+def write_executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def path_without(tmp_path: Path, *names: str) -> str:
+    """A PATH with every executable of the current PATH except ``names`` (no docker at all, no
+    java, ...), built as a folder of symlinks."""
+    farm = tmp_path / "path-without"
+    farm.mkdir()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not folder or not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            target = farm / entry.name
+            if entry.name in names or target.exists() or target.is_symlink():
+                continue
+            if entry.is_file() and os.access(entry.path, os.X_OK):
+                target.symlink_to(entry.path)
+    return str(farm)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without settings that would change what the scripts do."""
+    prefixes = ("KAFKA_", "BROKER_", "FRAUDSTREAM_", "PRODUCER_", "JAVA_HOME", "COMPOSE_",
+                "STREAMLIT_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, env=env or clean_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# --- lint -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shellcheck_is_clean(script: str) -> None:
+    shellcheck = require_tool("shellcheck")
+    result = run([shellcheck, "--shell=bash", "--severity=style", script], REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_is_strict_executable_bash(script: str) -> None:
+    path = REPO / script
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    assert os.access(path, os.X_OK), f"{script} is not executable"
+    assert run(["bash", "-n", script], REPO).returncode == 0
+
+
+@pytest.mark.parametrize("script", ["setup.sh", "reset.sh"])
+def test_scripts_never_kill_or_prune_by_name(script: str) -> None:
+    text = (REPO / script).read_text()
+    for forbidden in ("pkill", "killall", "prune", "docker rm", "volume rm", "docker kill"):
+        assert forbidden not in text, f"{script} uses {forbidden!r}"
+
+
+def test_setup_exports_only_known_setting_names() -> None:
+    """Local mode hands the services the same env names as compose: every variable setup.sh
+    exports is a setting some program reads (or Spark's / Streamlit's own)."""
+    known = set().union(*(settings.env_names(cls) for cls in settings.ALL_SETTINGS))
+    exported: set[str] = set()
+    for line in (REPO / "setup.sh").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["export"]:
+            exported |= {name for w in words[1:]
+                         if re.fullmatch(r"[A-Z_][A-Z0-9_]*", name := w.split("=", 1)[0])}
+    assert {"KAFKA_BOOTSTRAP_SERVERS", "BROKER_PORT", "PARQUET_DIR", "CHECKPOINT_DIR"} <= exported
+    for name in exported - {"FRAUDSTREAM_UID", "FRAUDSTREAM_GID"}:  # compose build args
+        assert name in known or name.startswith(("STREAMLIT_", "SPARK_", "JAVA_")), name
+
+
+# --- arguments and help -------------------------------------------------------------------------
+
+
+def test_setup_help_lists_modes_commands_and_variables() -> None:
+    result = run(["./setup.sh", "--help"], REPO)
+    assert result.returncode == 0
+    for word in ("--docker", "--local", "--cluster", "status", "stop", "logs", "BROKER_PORT",
+                 "FRAUDSTREAM_SERVICES", "FRAUDSTREAM_PYTHON", "python -m consumer",
+                 "logs -f consumer"):
+        assert word in result.stdout, word
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["frobnicate"], ["--local", "--cluster"]])
+def test_setup_rejects_bad_arguments_with_exit_2(args: list[str]) -> None:
+    result = run(["./setup.sh", *args], REPO)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--help" in result.stderr
+
+
+def test_setup_rejects_an_unknown_service(tmp_path: Path) -> None:
+    root = make_sandbox(tmp_path)
+    env = clean_env(FRAUDSTREAM_SERVICES="broker nonsense", FRAUDSTREAM_PYTHON=sys.executable)
+    result = run(["./setup.sh", "--local"], root, env)
+    assert result.returncode == 2
+    assert "unknown service 'nonsense'" in result.stderr
+    assert not list((root / "run" / "pids").glob("*.pid"))
+
+
+def test_status_of_a_fresh_checkout_shows_everything_stopped(tmp_path: Path) -> None:
+    root = make_sandbox(tmp_path)
+    env = clean_env(BROKER_PORT="1")  # nothing listens on port 1
+    result = run(["./setup.sh", "--local", "status"], root, env)
+    assert result.returncode == 0, result.stderr
+    for service in ("broker", "producer", "detector", "dashboard"):
+        assert any(line.split()[:2] == [service, "stopped"] for line in result.stdout.splitlines()
+                   ), f"{service} not reported stopped:\n{result.stdout}"
+    assert "127.0.0.1:1 is not reachable" in result.stdout
+
+
+def test_reset_help() -> None:
+    result = run(["./reset.sh", "--help"], REPO)
+    assert result.returncode == 0
+    assert "--yes" in result.stdout and "down --volumes --remove-orphans" in result.stdout
+
+
+# --- Java check --------------------------------------------------------------------------------
+
+
+def _fake_java(folder: Path, version_line: str) -> None:
+    folder.mkdir(exist_ok=True)
+    write_executable(folder / "java", f"#!/bin/sh\necho '{version_line}' >&2\n")
+
+
+@pytest.mark.parametrize("version_line", [
+    'openjdk version "11.0.22" 2024-01-16',
+    'java version "1.8.0_392"',
+])
+def test_old_java_stops_setup_with_install_instructions(tmp_path: Path, version_line: str) -> None:
+    root = make_sandbox(tmp_path)
+    if not (root / "spark_job" / "__main__.py").exists():
+        (root / "spark_job").mkdir(exist_ok=True)
+        (root / "spark_job" / "__main__.py").write_text("raise SystemExit(0)\n")
+    fake = tmp_path / "fake-bin"
+    _fake_java(fake, version_line)
+    env = clean_env(FRAUDSTREAM_SERVICES="detector", FRAUDSTREAM_PYTHON=sys.executable,
+                    PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    result = run(["./setup.sh", "--local"], root, env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Java 17 or newer is required" in result.stderr
+    assert "sudo apt-get install -y openjdk-17-jre-headless" in result.stderr
+    assert "JAVA_HOME" in result.stderr
+    assert not list((root / "run" / "pids").glob("*.pid")), "nothing may start"
+
+
+def test_missing_java_stops_setup_with_install_instructions(tmp_path: Path) -> None:
+    root = make_sandbox(tmp_path)
+    if not (root / "spark_job" / "__main__.py").exists():
+        (root / "spark_job").mkdir(exist_ok=True)
+        (root / "spark_job" / "__main__.py").write_text("raise SystemExit(0)\n")
+    env = clean_env(FRAUDSTREAM_SERVICES="detector", FRAUDSTREAM_PYTHON=sys.executable,
+                    PATH=path_without(tmp_path, "java", "docker"))
+    result = run(["./setup.sh"], root, env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no docker client installed: using local mode" in result.stdout
+    assert "no Java runtime found" in result.stderr
+    assert "openjdk-17-jre-headless" in result.stderr
+
+
+# --- reset safety --------------------------------------------------------------------------------
+
+
+def test_reset_refuses_to_run_outside_the_repository(tmp_path: Path) -> None:
+    stranger = tmp_path / "elsewhere"
+    (stranger / "run").mkdir(parents=True)
+    (stranger / "parquet_data").mkdir()
+    (stranger / "parquet_data" / "precious.parquet").write_text("x")
+    shutil.copy(REPO / "reset.sh", stranger / "reset.sh")
+    result = run(["bash", str(stranger / "reset.sh"), "--yes"], tmp_path)
+    assert result.returncode == 1
+    assert "not the fraudstream repository" in result.stderr
+    assert (stranger / "run").is_dir()
+    assert (stranger / "parquet_data" / "precious.parquet").exists()
+
+
+def test_reset_without_yes_and_without_a_terminal_deletes_nothing(tmp_path: Path) -> None:
+    root = make_sandbox(tmp_path)
+    (root / "run" / "logs").mkdir(parents=True)
+    (root / "parquet_data" / "alerts").mkdir()
+    result = run(["./reset.sh"], root)
+    assert result.returncode == 1
+    assert "pass --yes" in result.stderr
+    assert (root / "run" / "logs").is_dir()
+    assert (root / "parquet_data" / "alerts").is_dir()
+
+
+# --- kafka-init.sh -----------------------------------------------------------------------------
+
+
+def _recording_kafka_topics(tmp_path: Path) -> tuple[Path, Path]:
+    record = tmp_path / "calls.txt"
+    tool = write_executable(tmp_path / "kafka-topics.sh",
+                            f'#!/bin/sh\necho "$*" >> "{record}"\n')
+    return tool, record
+
+
+def test_kafka_init_creates_the_three_contract_topics(tmp_path: Path) -> None:
+    tool, record = _recording_kafka_topics(tmp_path)
+    env = clean_env(KAFKA_TOPICS_BIN=str(tool), KAFKA_BOOTSTRAP_SERVERS="kafka:29092")
+    result = run(["bash", str(REPO / "docker" / "kafka-init.sh")], tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    creates = [line.split() for line in record.read_text().splitlines() if "--create" in line]
+    created = {args[args.index("--topic") + 1]: args for args in creates}
+    assert set(created) == {topics.TRANSACTIONS, topics.ALERTS, topics.DLQ}
+    for args in created.values():
+        assert "--if-not-exists" in args
+        assert args[args.index("--partitions") + 1] == str(topics.DEFAULT_TRANSACTIONS_PARTITIONS)
+        assert args[args.index("--bootstrap-server") + 1] == "kafka:29092"
+
+
+def test_kafka_init_honours_partitions_and_rejects_nonsense(tmp_path: Path) -> None:
+    tool, record = _recording_kafka_topics(tmp_path)
+    env = clean_env(KAFKA_TOPICS_BIN=str(tool), TRANSACTIONS_PARTITIONS="6")
+    assert run(["bash", str(REPO / "docker" / "kafka-init.sh")], tmp_path, env).returncode == 0
+    creates = [line.split() for line in record.read_text().splitlines() if "--create" in line]
+    assert [a[a.index("--partitions") + 1] for a in creates] == ["6", "6", "6"]
+    env["TRANSACTIONS_PARTITIONS"] = "zero"
+    result = run(["bash", str(REPO / "docker" / "kafka-init.sh")], tmp_path, env)
+    assert result.returncode == 2
+    assert "TRANSACTIONS_PARTITIONS" in result.stderr
+
+
+# --- Docker branch, against a recording docker CLI -----------------------------------------------
+
+FAKE_DOCKER = r"""#!/usr/bin/env bash
+# Records every call; answers like a Docker engine whose containers are all healthy.
+echo "docker $*" >> "$CALLS"
+case "$1" in
+  info) exit 0 ;;
+  inspect) if [[ "${@: -1}" == cid-kafka-init ]]; then echo "exited 0"; else echo healthy; fi ;;
+  compose)
+    [[ "$2" == version ]] && { [[ -n "${FAKE_NO_V2:-}" ]] && exit 1; echo "v2.40.0"; exit 0; }
+    if [[ " $* " == *" ps "* ]]; then echo "cid-${@: -1}"; fi ;;
+esac
+exit 0
+"""
+
+FAKE_COMPOSE_V1 = r"""#!/usr/bin/env bash
+echo "docker-compose $*" >> "$CALLS"
+if [[ " $* " == *" ps "* ]]; then echo "cid-${@: -1}"; fi
+exit 0
+"""
+
+
+@pytest.fixture(params=["v2", "v1"])
+def docker_sandbox(request: pytest.FixtureRequest, tmp_path: Path
+                   ) -> tuple[Path, dict[str, str], Path, str]:
+    root = make_sandbox(tmp_path)
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    calls = tmp_path / "docker-calls.txt"
+    write_executable(fake / "docker", FAKE_DOCKER)
+    write_executable(fake / "docker-compose", FAKE_COMPOSE_V1)
+    env = clean_env(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", CALLS=str(calls),
+                    FRAUDSTREAM_HEALTH_TIMEOUT="20")
+    compose = "docker compose"
+    if request.param == "v1":
+        env["FAKE_NO_V2"] = "1"
+        compose = "docker-compose"
+    return root, env, calls, compose
+
+
+def _calls(calls: Path, compose: str) -> list[str]:
+    return [line for line in calls.read_text().splitlines() if line.startswith(compose + " ")]
+
+
+def test_docker_mode_builds_and_starts_the_pinned_project(
+        docker_sandbox: tuple[Path, dict[str, str], Path, str]) -> None:
+    root, env, calls, compose = docker_sandbox
+    result = run(["./setup.sh"], root, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    prefix = f"{compose} -p fraudstream -f {root}/docker-compose.yml"
+    assert f"{prefix} up -d --build" in _calls(calls, compose)
+    for text in ("http://localhost:8501", "http://localhost:9000", "logs -f consumer"):
+        assert text in result.stdout
+    assert (root / "run" / "mode").read_text().strip() == "docker"
+
+    result = run(["./setup.sh", "stop"], root, env)
+    assert result.returncode == 0, result.stderr
+    downs = [c for c in _calls(calls, compose) if " down" in c]
+    assert downs == [f"{prefix} --profile cluster down"], "stop keeps the volumes"
+
+
+def test_docker_cluster_profile_replaces_the_local_detector(
+        docker_sandbox: tuple[Path, dict[str, str], Path, str]) -> None:
+    root, env, calls, compose = docker_sandbox
+    result = run(["./setup.sh", "--docker", "--cluster"], root, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    prefix = f"{compose} -p fraudstream -f {root}/docker-compose.yml"
+    assert f"{prefix} --profile cluster up -d --build --scale spark_job=0" in _calls(calls, compose)
+    assert "http://localhost:8080" in result.stdout
+
+
+def test_reset_takes_down_only_this_project_with_its_volumes(
+        docker_sandbox: tuple[Path, dict[str, str], Path, str]) -> None:
+    root, env, calls, compose = docker_sandbox
+    (root / "run" / "checkpoint").mkdir(parents=True)
+    (root / "parquet_data" / "alerts").mkdir()
+    (root / "notes.txt").write_text("mine")
+    result = run(["./reset.sh", "--yes"], root, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    issued = calls.read_text().splitlines()
+    assert f"{compose} -p fraudstream -f {root}/docker-compose.yml --profile cluster down " \
+           "--volumes --remove-orphans" in issued
+    for call in issued:
+        assert "prune" not in call and " rm " not in f"{call} " and "volume rm" not in call
+        if " down" in call:
+            assert "-p fraudstream" in call
+    assert not (root / "run").exists()
+    assert [p.name for p in (root / "parquet_data").iterdir()] == [".gitkeep"]
+    assert (root / "notes.txt").read_text() == "mine"
+
+
+def test_forced_docker_mode_without_an_engine_fails_clearly(tmp_path: Path) -> None:
+    root = make_sandbox(tmp_path)
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    write_executable(fake / "docker", "#!/bin/sh\nexit 1\n")
+    env = clean_env(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    result = run(["./setup.sh", "--docker"], root, env)
+    assert result.returncode == 1
+    assert "docker info" in result.stderr and "--local" in result.stderr
