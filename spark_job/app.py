@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Any
 
+from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
@@ -171,11 +172,23 @@ class Detector:
         assert self.query is not None
         query = self.query
         while query.isActive and not self.stop_requested:
-            query.awaitTermination(0.5)
-        if self.stop_requested and query.isActive:
-            log.info("stop requested: finishing the current batch")
-            query.stop()
-        exception = query.exception()
+            try:
+                query.awaitTermination(0.5)
+            except StreamingQueryException:
+                break  # reported below from query.exception()
+        if self.stop_requested:
+            log.info("stop requested: stopping the query")
+            try:
+                query.stop()
+                exception = query.exception()
+            except Exception as exc:
+                # A signal sent to the whole process group also reaches Spark's JVM, which then
+                # shuts down on its own; an unfinished batch is replayed from the checkpoint.
+                log.warning("Spark had already shut down (%s); the next start resumes from the "
+                            "checkpoint", str(exc).splitlines()[0][:200])
+                exception = None
+        else:
+            exception = query.exception()
         self._flush_metrics()
         self.close()
         if exception is not None:
