@@ -477,6 +477,10 @@ class ProducerSettings(KafkaSettings):
         30.0, env="PRODUCER_CONNECT_TIMEOUT", minimum=0.1,
         help="seconds to wait for the broker before giving up",
     )
+    flush_timeout: float = setting(
+        30.0, env="PRODUCER_FLUSH_TIMEOUT", minimum=0,
+        help="seconds to wait for in-flight messages on exit",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -588,6 +592,10 @@ class ConsumerSettings(KafkaSettings):
                                      help="exit after printing N alerts")
     idle_timeout: float | None = setting(
         None, env="CONSUMER_IDLE_TIMEOUT", minimum=0.1, help="exit after N seconds without alerts"
+    )
+    connect_timeout: float = setting(
+        30.0, env="CONSUMER_CONNECT_TIMEOUT", minimum=0.1,
+        help="seconds to wait for the broker before giving up",
     )
 
 
