@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from fraudstream.kafka import BrokerUnavailable, ensure_topics, wait_for_broker
+from fraudstream.logs import setup_logging
 from fraudstream.settings import BrokerSettings, load_settings, run_entry_point
 from fraudstream.topics import TopicSpec, default_topic_specs
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> int:
         settings, _ = load_settings(BrokerSettings, argv)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s broker %(message)s")
+        setup_logging("broker")
         broker = EmbeddedBroker(
             settings.host, settings.port,
             topics=default_topic_specs(settings.transactions_partitions),

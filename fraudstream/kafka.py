@@ -37,7 +37,9 @@ def wait_for_broker(client_config: Mapping[str, str], timeout: float) -> AdminCl
     )
 
 
-def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], timeout: float = 15.0) -> list[str]:
+def ensure_topics(
+    admin: AdminClient, specs: Iterable[TopicSpec], timeout: float = 15.0
+) -> list[str]:
     """Create missing topics; existing ones are left as they are. Returns the names created."""
     specs = list(specs)
     existing = set(admin.list_topics(timeout=timeout).topics)

@@ -101,10 +101,12 @@ INVALID_AMOUNT: Final = "invalid_amount"
 INVALID_TIMESTAMP: Final = "invalid_timestamp"
 FUTURE_TIMESTAMP: Final = "future_timestamp"
 INVALID_PAYMENT_METHOD: Final = "invalid_payment_method"
+#: A field outside the contract: sent to the DLQ rather than silently dropped.
+UNKNOWN_FIELD: Final = "unknown_field"
 REASON_CODES: Final = (
     EMPTY_VALUE, VALUE_TOO_LARGE, INVALID_UTF8, INVALID_JSON, DUPLICATE_KEY, NOT_AN_OBJECT,
     MISSING_FIELD, WRONG_TYPE, INVALID_AMOUNT, INVALID_TIMESTAMP, FUTURE_TIMESTAMP,
-    INVALID_PAYMENT_METHOD,
+    INVALID_PAYMENT_METHOD, UNKNOWN_FIELD,
 )
 
 
@@ -129,7 +131,8 @@ def format_timestamp(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and a ``Z`` suffix, as in SPEC.md."""
     if moment.tzinfo is None:
         raise ValueError("event time must carry a timezone")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -158,7 +161,8 @@ def to_json_ready(record: dict[str, Any]) -> dict[str, Any]:
 
 #: Datasets under the Parquet root. Each is written by Spark per micro-batch as
 #: ``<dataset>/batch_id=<N>/part-*.parquet`` (hive-style), overwritten whole when a batch is
-#: replayed, so a replay never leaves duplicate rows. Read with pyarrow.dataset(partitioning="hive").
+#: replayed, so a replay never leaves duplicate rows.
+#: Read with pyarrow.dataset(partitioning="hive").
 ALERTS_DATASET: Final = "alerts"
 TRANSACTIONS_DATASET: Final = "transactions"
 DLQ_DATASET: Final = "dlq"

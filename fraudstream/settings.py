@@ -146,7 +146,8 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     except SettingsError:
         raise
     except (TypeError, ValueError):
-        raise SettingsError(key, f"expected {getattr(base, '__name__', base)}, got {value!r}") from None
+        expected = getattr(base, "__name__", base)
+        raise SettingsError(key, f"expected {expected}, got {value!r}") from None
     raise SettingsError(key, f"unsupported setting type {base!r}")
 
 
@@ -163,7 +164,8 @@ class BaseSettings:
             key = describe_key(f, self.SECTION)
             choices = f.metadata.get("choices")
             if choices is not None and value is not None and value not in choices:
-                raise SettingsError(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+                allowed = ", ".join(map(str, choices))
+                raise SettingsError(key, f"must be one of {allowed}; got {value!r}")
             lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if lo is not None and value < lo:
@@ -454,15 +456,23 @@ class ProducerSettings(KafkaSettings):
         help="fixed rate in tx/s; 0 = as fast as possible; unset = varying between "
              "rate_min and rate_max",
     )
-    rate_min: float = setting(10.0, env="PRODUCER_RATE_MIN", minimum=0.1, help="lowest varying rate")
-    rate_max: float = setting(100.0, env="PRODUCER_RATE_MAX", minimum=0.1, help="highest varying rate")
-    count: int | None = setting(None, env="PRODUCER_COUNT", minimum=1, help="stop after N transactions")
+    rate_min: float = setting(
+        10.0, env="PRODUCER_RATE_MIN", minimum=0.1, help="lowest varying rate"
+    )
+    rate_max: float = setting(
+        100.0, env="PRODUCER_RATE_MAX", minimum=0.1, help="highest varying rate"
+    )
+    count: int | None = setting(
+        None, env="PRODUCER_COUNT", minimum=1, help="stop after N transactions"
+    )
     duration: float | None = setting(
         None, env="PRODUCER_DURATION", minimum=0.1, help="stop after N seconds"
     )
     users: int = setting(5000, env="PRODUCER_USERS", minimum=1, help="distinct simulated users")
     merchants: int = setting(200, env="PRODUCER_MERCHANTS", minimum=1, help="distinct merchants")
-    seed: int | None = setting(None, env="PRODUCER_SEED", help="random seed (same seed, same stream)")
+    seed: int | None = setting(
+        None, env="PRODUCER_SEED", help="random seed (same seed, same stream)"
+    )
     fraud_ratio: float = setting(
         0.02, env="PRODUCER_FRAUD_RATIO", minimum=0, maximum=1,
         help="probability that the next event starts an injected fraud episode",
@@ -554,7 +564,8 @@ class DetectorSettings(KafkaSettings):
         2, env="MULTI_LOCATION_COUNT", minimum=2, help="multi_location: at least this many places"
     )
     multi_location_window_seconds: float = setting(
-        120.0, env="MULTI_LOCATION_WINDOW_SECONDS", minimum=1, help="multi_location: within this span"
+        120.0, env="MULTI_LOCATION_WINDOW_SECONDS", minimum=1,
+        help="multi_location: within this span",
     )
     paypal_micro_count: int = setting(
         3, env="PAYPAL_MICRO_COUNT", minimum=1, help="paypal_micro: more than this many payments"
