@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> None:
         settings, _ = load_settings(DetectorSettings, sys.argv[1:] if argv is None else argv)
         setup_logging("detector")
         logging.getLogger("py4j").setLevel(logging.WARNING)
-        from spark_job.app import run as run_detector  # Spark imports only after --help/config checks
+        from spark_job.app import (
+            run as run_detector,  # Spark imports only after --help/config checks
+        )
 
         return run_detector(settings)
 

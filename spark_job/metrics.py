@@ -23,9 +23,28 @@ from spark_job.batch import BatchOutcome, BatchProcessor, percentile
 log = logging.getLogger(__name__)
 
 
+def _offsets(value: Any) -> dict[str, int]:
+    if isinstance(value, str):
+        value = json.loads(value)
+    return {str(k): int(v) for k, v in (value or {}).items()}
+
+
+def records_between_offsets(progress: Mapping[str, Any]) -> int:
+    """Records the batch consumed, from the source's offset range. Spark's numInputRows counts
+    every scan of the source, and the plan scans it once per branch of its union."""
+    total = 0
+    try:
+        for source in progress.get("sources") or []:
+            start, end = _offsets(source.get("startOffset")), _offsets(source.get("endOffset"))
+            total += sum(max(0, offset - start.get(p, 0)) for p, offset in end.items())
+    except (TypeError, ValueError, AttributeError):
+        return int(progress.get("numInputRows") or 0)
+    return total
+
+
 def metrics_line(progress: Mapping[str, Any], outcome: BatchOutcome | None) -> schemas.BatchMetrics:
     """Build the JSON-lines record from Spark's progress dict and the batch's own outcome."""
-    input_rows = int(progress.get("numInputRows") or 0)
+    input_rows = records_between_offsets(progress)
     duration_ms = (progress.get("durationMs") or {}).get("triggerExecution") or 0
     late = sum(int(op.get("numRowsDroppedByWatermark") or 0)
                for op in progress.get("stateOperators") or [])

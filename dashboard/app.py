@@ -1,0 +1,49 @@
+"""The Streamlit app: loads the settings once per session, hands them to the pages, and
+declares the navigation. Served by ``python -m dashboard``; AppTest runs it directly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import streamlit as st
+
+from dashboard.cli import ARGS_ENV
+from dashboard.data.resources import DashboardContext, set_context
+from fraudstream.settings import DashboardSettings, DetectorSettings, SettingsError, load_settings
+from spark_job.quality import rule_spans
+
+
+def load_context() -> DashboardContext:
+    """Dashboard settings from the flags ``python -m dashboard`` got (env < flags, as usual);
+    rule spans from the detector's settings (same YAML file and environment), so quality
+    episodes are cut with the windows the detector uses."""
+    args = json.loads(os.environ.get(ARGS_ENV, "[]"))
+    settings, namespace = load_settings(DashboardSettings, args)
+    config = getattr(namespace, "config", None)
+    detector, _ = load_settings(DetectorSettings, ["--config", config] if config else [])
+    return DashboardContext(settings, rule_spans(detector))
+
+
+st.set_page_config(page_title="fraudstream", page_icon=":material/shield:", layout="wide")
+try:
+    context = load_context()
+except SettingsError as exc:
+    st.error("Invalid dashboard setting")
+    st.text(f"{exc.key}: {exc.message}")
+    st.stop()
+set_context(context)
+
+with st.sidebar:
+    st.text(f"Kafka: {context.settings.bootstrap_servers}\n"
+            f"Parquet: {context.settings.parquet_dir}\n"
+            f"Refresh: every {context.settings.refresh_seconds:g} s")
+
+navigation = st.navigation([
+    st.Page("pages/live.py", title="Live alerts", icon=":material/notifications_active:",
+            default=True),
+    st.Page("pages/overview.py", title="Overview", icon=":material/monitoring:"),
+    st.Page("pages/quality.py", title="Detection quality", icon=":material/target:"),
+    st.Page("pages/topics.py", title="Topics", icon=":material/topic:"),
+])
+navigation.run()

@@ -1,0 +1,5 @@
+"""Data access for the dashboard: the Parquet history, the detector's metrics file, and Kafka.
+
+Plain modules with no Streamlit in them, except ``resources``, which is the boundary where the
+pages get cached, shared instances.
+"""

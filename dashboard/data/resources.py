@@ -1,0 +1,132 @@
+"""Where the pages meet the data: one shared instance per process of each reader (Kafka tail,
+Parquet datasets, metrics file) in ``st.cache_resource``, and the settings handed from the app to
+its pages through session state (``st.navigation`` pages are scripts and take no arguments).
+
+Everything returned here is shared between sessions: pages read it, never mutate it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import streamlit as st
+
+from dashboard.data.kafka import AlertTail, TailStatus
+from dashboard.data.metrics import MetricsSnapshot, MetricsTail
+from dashboard.data.parquet import (
+    ALERTS_SCHEMA,
+    DLQ_SCHEMA,
+    TRANSACTION_VIEW_SCHEMA,
+    DatasetCache,
+)
+from dashboard.data.views import count_by_rule, merge_alerts
+from fraudstream.schemas import ALERTS_DATASET, DLQ_DATASET, TRANSACTIONS_DATASET, utc_now
+from fraudstream.settings import DashboardSettings
+from spark_job.quality import quality_report
+
+_CONTEXT_KEY = "fraudstream.dashboard.context"
+
+
+@dataclass(frozen=True)
+class DashboardContext:
+    """What the app loaded once and every page needs."""
+
+    settings: DashboardSettings
+    #: rule id -> window span in seconds, for the detection-quality episodes
+    spans: Mapping[str, float]
+
+
+def set_context(context: DashboardContext) -> None:
+    st.session_state[_CONTEXT_KEY] = context
+
+
+def get_context() -> DashboardContext:
+    context = st.session_state.get(_CONTEXT_KEY)
+    if context is None:  # a page script run on its own instead of through app.py
+        raise RuntimeError("run the dashboard through dashboard/app.py (python -m dashboard)")
+    return context
+
+
+@st.cache_resource(show_spinner=False)
+def _dataset(root: str, dataset: str, _schema: pa.Schema) -> DatasetCache:
+    return DatasetCache(root, dataset, _schema)
+
+
+@st.cache_resource(show_spinner=False)
+def _metrics(path: str) -> MetricsTail:
+    return MetricsTail(path)
+
+
+@st.cache_resource(show_spinner=False)
+def _tail(client_config: tuple[tuple[str, str], ...], topic: str, max_alerts: int) -> AlertTail:
+    return AlertTail(dict(client_config), topic, max_alerts)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _newest(root: str, version: int, limit: int, _table: pa.Table) -> pd.DataFrame:
+    """The newest ``limit`` alerts of the history as pandas, converted once per version."""
+    if _table.num_rows > limit:
+        order = pc.sort_indices(_table, sort_keys=[("detected_at", "descending")])
+        _table = _table.take(order[:limit])
+    return _table.to_pandas()
+
+
+def alert_history(context: DashboardContext) -> tuple[pa.Table, int]:
+    root = str(context.settings.parquet_dir)
+    return _dataset(root, ALERTS_DATASET, ALERTS_SCHEMA).refresh()
+
+
+def transactions(context: DashboardContext) -> tuple[pa.Table, int]:
+    root = str(context.settings.parquet_dir)
+    return _dataset(root, TRANSACTIONS_DATASET, TRANSACTION_VIEW_SCHEMA).refresh()
+
+
+def dlq_rows(context: DashboardContext) -> int:
+    root = str(context.settings.parquet_dir)
+    return _dataset(root, DLQ_DATASET, DLQ_SCHEMA).refresh()[0].num_rows
+
+
+def metrics(context: DashboardContext) -> MetricsSnapshot:
+    return _metrics(str(context.settings.resolved_metrics_file)).refresh()
+
+
+@dataclass(frozen=True)
+class LiveAlerts:
+    alerts: pd.DataFrame  # history + tail, deduplicated, newest first, at most max_alerts
+    counts: pd.Series  # alerts per rule over the whole history + tail
+    status: TailStatus
+    now: datetime
+
+
+def live_alerts(context: DashboardContext) -> LiveAlerts:
+    """One refresh: poll the Kafka tail, pick up new Parquet files, merge."""
+    settings = context.settings
+    tail = _tail(tuple(sorted(settings.client_config().items())), settings.alerts_topic,
+                 settings.max_alerts)
+    live, status = tail.poll()
+    history, version = alert_history(context)
+    newest = _newest(str(settings.parquet_dir), version, settings.max_alerts, history)
+    return LiveAlerts(merge_alerts(newest, live, settings.max_alerts),
+                      count_by_rule(history, live), status, utc_now())
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _quality(root: str, alerts_version: int, transactions_version: int,
+             spans: tuple[tuple[str, float], ...], _alerts: pa.Table, _transactions: pa.Table
+             ) -> pd.DataFrame:
+    labelled = _transactions.filter(pc.is_valid(_transactions["fraud_pattern"]))
+    return quality_report(labelled.to_pandas(), _alerts.to_pandas(), dict(spans),
+                          as_of=pc.max(_transactions["event_time"]).as_py())
+
+
+def quality(context: DashboardContext) -> pd.DataFrame:
+    """The detection-quality report over the Parquet history, recomputed only when it changed."""
+    alerts, alerts_version = alert_history(context)
+    txs, txs_version = transactions(context)
+    return _quality(str(context.settings.parquet_dir), alerts_version, txs_version,
+                    tuple(sorted(context.spans.items())), alerts, txs)

@@ -1,0 +1,198 @@
+"""Drawing shared by the pages: the Kafka banner, KPI rows and plotly figures.
+
+Data strings never reach a Markdown or HTML renderer: tables go through ``st.dataframe``, free
+text through ``st.text``/``st.code``/``st.json``, and strings placed in plotly labels are
+HTML-escaped (plotly.js interprets a subset of HTML tags in text).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import pyarrow as pa
+import streamlit as st
+
+from dashboard.data.kafka import TailStatus
+from dashboard.data.views import (
+    Kpis,
+    alert_locations,
+    alerts_over_time,
+    amount_distribution,
+    latency_over_time,
+    top_users,
+)
+from fraudstream.schemas import HIGH_VALUE, MULTI_LOCATION, PAYPAL_MICRO, VELOCITY
+
+RULE_COLOURS: Mapping[str, str] = {
+    HIGH_VALUE: "#d62728", VELOCITY: "#ff7f0e", MULTI_LOCATION: "#1f77b4",
+    PAYPAL_MICRO: "#9467bd",
+}
+_CHART_HEIGHT = 320
+
+
+def code_span(text: str) -> str:
+    """``text`` as a Markdown code span: shown literally, whatever it contains."""
+    text = " ".join(text.split())
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
+
+
+def plot_text(values: pd.Series) -> pd.Series:
+    return values.astype(str).map(html.escape)
+
+
+def kafka_banner(status: TailStatus) -> None:
+    if status.reachable and status.error is None:
+        return
+    if not status.reachable:
+        st.warning(f"Kafka broker unreachable at {code_span(status.address)}: showing the "
+                   "Parquet history; retrying on every refresh.", icon=":material/cloud_off:")
+    else:
+        st.warning(f"Kafka at {code_span(status.address)} answers, but the alerts topic is "
+                   "not readable.", icon=":material/warning:")
+    if status.error:
+        st.text(status.error)
+
+
+def format_rate(value: float | None, unit: str) -> str:
+    return "n/a" if value is None else f"{value:,.1f} {unit}"
+
+
+def format_ms(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.0f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+
+
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def kpi_values(kpis: Kpis) -> dict[str, str]:
+    return {
+        "Transactions/s in": format_rate(kpis.transactions_per_second, "/s"),
+        "Alerts/min (5 min)": format_rate(kpis.alerts_per_minute, "/min"),
+        "Latency p50": format_ms(kpis.latency_p50_ms),
+        "Latency p95": format_ms(kpis.latency_p95_ms),
+        "Last batch": format_age(kpis.seconds_since_last_batch),
+    }
+
+
+def metric_rows(values: Mapping[str, str], per_row: int = 5) -> None:
+    """Bordered metrics, at most ``per_row`` side by side so values are not cut off."""
+    items = list(values.items())
+    for start in range(0, len(items), per_row):
+        row = items[start:start + per_row]
+        for column, (label, value) in zip(st.columns(per_row), row, strict=False):
+            column.metric(label, value, border=True)
+
+
+def _layout(figure: go.Figure, title: str) -> go.Figure:
+    figure.update_layout(title=title, height=_CHART_HEIGHT, margin={"l": 10, "r": 10, "t": 40,
+                                                                     "b": 10},
+                         legend_title_text="")
+    return figure
+
+
+def _empty(title: str, message: str) -> go.Figure:
+    figure = go.Figure()
+    figure.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper",
+                          yref="paper")
+    figure.update_xaxes(visible=False)
+    figure.update_yaxes(visible=False)
+    return _layout(figure, title)
+
+
+def alerts_over_time_figure(alerts: pd.DataFrame) -> go.Figure:
+    title = "Alerts over time, by rule"
+    data = alerts_over_time(alerts)
+    if data.empty:
+        return _empty(title, "no alerts yet")
+    data["rule"] = plot_text(data["rule"])
+    figure = px.bar(data, x="bucket", y="alerts", color="rule",
+                    color_discrete_map=RULE_COLOURS,
+                    labels={"bucket": "detected at (UTC)", "alerts": "alerts"})
+    figure.update_layout(barmode="stack")
+    return _layout(figure, title)
+
+
+def alerts_by_rule_figure(counts: pd.Series) -> go.Figure:
+    title = "Alerts by rule (all history)"
+    if counts.empty:
+        return _empty(title, "no alerts yet")
+    data = counts.rename("alerts").rename_axis("rule").reset_index()
+    data["rule"] = plot_text(data["rule"])
+    figure = px.bar(data, x="rule", y="alerts", color="rule", color_discrete_map=RULE_COLOURS)
+    figure.update_layout(showlegend=False)
+    return _layout(figure, title)
+
+
+def top_users_figure(alerts: pd.DataFrame) -> go.Figure:
+    title = "Top flagged users"
+    data = top_users(alerts)
+    if data.empty:
+        return _empty(title, "no alerts yet")
+    data["user_id"] = plot_text(data["user_id"])
+    data["rules"] = plot_text(data["rules"])
+    figure = px.bar(data.iloc[::-1], x="alerts", y="user_id", orientation="h",
+                    hover_data=["rules"], labels={"user_id": "user"})
+    return _layout(figure, title)
+
+
+def amount_figure(transactions: pa.Table, flagged: set[str]) -> go.Figure:
+    title = "Amount distribution: flagged vs all transactions"
+    data = amount_distribution(transactions, flagged, bins=30)
+    if data.empty:
+        return _empty(title, "no transactions in the Parquet history yet")
+    figure = px.line(data, x="amount", y="share", color="group", log_x=True, line_shape="hvh",
+                     hover_data=["count"], labels={"amount": "amount (log scale)",
+                                                   "share": "share of group"})
+    figure.update_yaxes(tickformat=".0%")
+    return _layout(figure, title)
+
+
+def map_figure(alerts: pd.DataFrame) -> tuple[go.Figure, int]:
+    title = "Alert locations"
+    data, unknown = alert_locations(alerts)
+    if data.empty:
+        return _empty(title, "no located alerts yet"), unknown
+    data["city"] = plot_text(data["city"])
+    figure = px.scatter_geo(data, lat="lat", lon="lon", size="alerts", hover_name="city",
+                            projection="natural earth", color_discrete_sequence=["#d62728"])
+    figure.update_geos(fitbounds="locations", showcountries=True, countrycolor="#bbbbbb")
+    return _layout(figure, title), unknown
+
+
+def latency_figure(batches: pd.DataFrame) -> go.Figure:
+    title = "Event -> alert latency per batch"
+    data = latency_over_time(batches)
+    if data.empty:
+        return _empty(title, "no batch with alerts in the metrics yet")
+    figure = px.line(data, x="written_at", y="ms", color="percentile",
+                     labels={"written_at": "batch written at (UTC)", "ms": "latency (ms)"})
+    return _layout(figure, title)
+
+
+#: Plotly config of every chart. ``topojsonURL``: the map's world outline comes from the app's
+#: static folder (``dashboard/static``, served at ``app/static/``), not from cdn.plot.ly, so the
+#: map draws offline. Relative, so it also works under a ``server.baseUrlPath``. Without the
+#: file (an install that left it out) plotly's default, the CDN, is kept.
+PLOTLY_CONFIG: dict[str, object] = {"displaylogo": False}
+if (Path(__file__).resolve().parents[1] / "static" / "world_110m.json").is_file():
+    PLOTLY_CONFIG["topojsonURL"] = "app/static/"
+
+
+def chart(figure: go.Figure) -> None:
+    st.plotly_chart(figure, config=PLOTLY_CONFIG)

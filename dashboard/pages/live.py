@@ -1,0 +1,102 @@
+"""Live alerts: newest first, refreshed in place; filters; one alert's evidence."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.data import resources
+from dashboard.data.views import (
+    TIME_RANGES,
+    alert_label,
+    alert_record,
+    alert_table,
+    evidence,
+    filter_alerts,
+    kpis,
+)
+from dashboard.pages._charts import (
+    alerts_over_time_figure,
+    chart,
+    kafka_banner,
+    kpi_values,
+    metric_rows,
+)
+from fraudstream.schemas import RULES
+
+#: Rows sent to the browser per refresh; the filters reach everything in memory.
+TABLE_ROWS = 200
+#: Alerts offered in the detail picker.
+PICKER_ROWS = 200
+
+context = resources.get_context()
+settings = context.settings
+
+st.title("Live alerts")
+
+
+def alert_detail(alert: pd.Series) -> None:
+    record = alert_record(alert)
+    ids = record["transaction_ids"] or []
+    left, right = st.columns([2, 3])
+    with left:
+        st.text("Alert")
+        st.json(record)
+    with right:
+        txs, _ = resources.transactions(context)
+        found = evidence(txs, ids)
+        st.text(f"Evidence: {len(found)} of {len(ids)} transactions found in the Parquet "
+                "history")
+        st.dataframe(found, hide_index=True, column_config={
+            "event_time": st.column_config.DatetimeColumn("event time", format="iso8601"),
+            "kafka_timestamp": st.column_config.DatetimeColumn("kafka time", format="iso8601"),
+            "amount": st.column_config.NumberColumn("amount", format="%.2f"),
+        })
+
+
+@st.fragment(run_every=settings.refresh_seconds)
+def live() -> None:
+    data = resources.live_alerts(context)
+    kafka_banner(data.status)
+    metric_rows(kpi_values(kpis(resources.metrics(context).batches, data.alerts, data.now)))
+
+    rule_col, user_col, range_col = st.columns([3, 3, 2])
+    rules = rule_col.multiselect("Rule", sorted(set(RULES) | set(data.counts.index)),
+                                 key="live.rules", placeholder="All rules")
+    user = user_col.text_input("User", key="live.user", placeholder="user id contains…")
+    time_range = range_col.selectbox("Time range", list(TIME_RANGES), key="live.range")
+    look_back = TIME_RANGES[time_range]
+    shown = filter_alerts(data.alerts, rules, user,
+                          data.now - look_back if look_back else None)
+
+    st.caption(f"{len(shown):,} matching alerts (of {len(data.alerts):,} in memory, "
+               f"newest first; the table shows up to {TABLE_ROWS}). Refreshes every "
+               f"{settings.refresh_seconds:g} s.")
+    st.dataframe(alert_table(shown.head(TABLE_ROWS)), hide_index=True, key="live.table",
+                 column_config={
+                     "detected_at": st.column_config.DatetimeColumn(
+                         "detected at", format="YYYY-MM-DD HH:mm:ss"),
+                     "user_id": st.column_config.TextColumn("user"),
+                     "transaction_count": st.column_config.NumberColumn("txs"),
+                     "total_amount": st.column_config.NumberColumn("total", format="%.2f"),
+                     "window_start": st.column_config.DatetimeColumn(
+                         "window start", format="HH:mm:ss"),
+                     "window_end": st.column_config.DatetimeColumn(
+                         "window end", format="HH:mm:ss"),
+                 })
+    chart(alerts_over_time_figure(shown))
+
+    st.subheader("Alert detail")
+    picked = st.session_state.get("live.alert")
+    choices = list(shown["alert_id"].head(PICKER_ROWS))
+    if picked and picked not in choices and picked in set(data.alerts["alert_id"]):
+        choices.append(picked)  # keep the open alert while newer ones push it down
+    by_id = data.alerts.set_index("alert_id", drop=False)
+    selected = st.selectbox("Alert", choices, index=None, key="live.alert",
+                            format_func=lambda alert_id: alert_label(by_id.loc[alert_id]),
+                            placeholder="Choose an alert to see its evidence")
+    if selected is not None:
+        alert_detail(by_id.loc[selected])
+
+
+live()

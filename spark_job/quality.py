@@ -1,0 +1,287 @@
+"""Detection quality: precision and recall of each rule, measured against the producer's labels.
+
+Pure pandas/pyarrow (no Spark), so the dashboard and ``python -m spark_job.quality`` compute the
+same numbers from the same Parquet history.
+
+Definitions
+-----------
+- Ground truth is the producer's labels in the ``transactions`` dataset: ``fraud_pattern`` names
+  the injected scenario (a rule id) that produced a transaction; ``null`` means normal traffic.
+- An alert of rule R is a *true positive* if any of its evidence ``transaction_ids`` is labelled
+  ``fraud_pattern == R``. ``precision(R) = true-positive alerts of R / alerts of R``.
+- The *injected episodes* of R: the transactions labelled R, grouped by user and ordered by event
+  time, split wherever the gap between consecutive labelled events exceeds the rule's span
+  (its window length in seconds). For ``high_value`` every labelled transaction is its own
+  episode. A rule without a span splits at every gap (each transaction alone unless they share
+  a timestamp).
+- An episode is *detected* if some alert of R for that user has evidence overlapping the
+  episode's transaction ids.
+- An undetected episode is *pending* while it may still grow: its rule has a window and its last
+  labelled event is within that span of the newest event time in the transactions (``as_of``).
+  An alert fires when the transaction that first makes the rule true is processed, so a burst
+  whose later transactions have not arrived yet cannot have been detected; counting it as missed
+  would make a live pipeline's recall read low for its last few minutes.
+- ``recall(R) = detected episodes / (episodes - pending episodes)``.
+- A ratio with a zero denominator is undefined: NaN, printed as ``n/a``.
+
+Alerts are deduplicated on ``alert_id`` first (Kafka is at-least-once; Parquet is not, but the
+same function serves both), and transactions on ``transaction_id``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fraudstream.logs import setup_logging
+from fraudstream.schemas import (
+    ALERTS_DATASET,
+    HIGH_VALUE,
+    MULTI_LOCATION,
+    PAYPAL_MICRO,
+    RULES,
+    TRANSACTIONS_DATASET,
+    VELOCITY,
+)
+from fraudstream.settings import DetectorSettings, load_settings, run_entry_point
+
+log = logging.getLogger(__name__)
+
+PROG = "python -m spark_job.quality"
+REPORT_COLUMNS = (
+    "alerts", "true_positive_alerts", "precision", "episodes", "detected_episodes",
+    "pending_episodes", "recall",
+)
+#: The columns quality needs: labels of transactions, evidence of alerts.
+LABEL_SCHEMA = pa.schema([
+    ("transaction_id", pa.string()), ("user_id", pa.string()),
+    ("event_time", pa.timestamp("us", tz="UTC")), ("fraud_pattern", pa.string()),
+])
+EVIDENCE_SCHEMA = pa.schema([
+    ("alert_id", pa.string()), ("rule", pa.string()), ("user_id", pa.string()),
+    ("transaction_ids", pa.list_(pa.string())),
+])
+
+
+def rule_spans(settings: DetectorSettings) -> dict[str, float]:
+    """Span in seconds of each windowed rule, as the detector is configured."""
+    return {
+        VELOCITY: settings.velocity_window_seconds,
+        MULTI_LOCATION: settings.multi_location_window_seconds,
+        PAYPAL_MICRO: settings.paypal_micro_window_seconds,
+    }
+
+
+def quality_report(
+    transactions: pd.DataFrame, alerts: pd.DataFrame, spans: Mapping[str, float],
+    as_of: datetime | None = None,
+) -> pd.DataFrame:
+    """Per-rule precision and recall (see the module docstring for the definitions).
+
+    ``transactions`` needs ``transaction_id, user_id, event_time, fraud_pattern`` (unlabelled rows
+    may be left out: they never count); ``alerts`` needs ``rule, user_id, transaction_ids`` and
+    ``alert_id`` if it may hold duplicates. ``as_of`` is the newest event time processed (default:
+    the newest in ``transactions``; pass it when unlabelled rows were left out). Returns one row
+    per rule (the four contract rules first, then any other rule seen in the data), indexed by
+    ``rule``.
+    """
+    labels = _labels(transactions, spans)
+    alerts = alerts.drop_duplicates("alert_id") if "alert_id" in alerts.columns else alerts
+    alerts = alerts.reset_index(drop=True)
+    evidence = (
+        pd.DataFrame({"alert": alerts.index, "rule": alerts["rule"], "user_id": alerts["user_id"],
+                      "transaction_id": alerts["transaction_ids"]})
+        .explode("transaction_id")
+        .dropna(subset=["transaction_id"])
+    )
+    hits = evidence.merge(
+        labels[["transaction_id", "user_id", "fraud_pattern", "episode"]],
+        on="transaction_id", suffixes=("", "_labelled"),
+    )
+    hits = hits[hits["rule"] == hits["fraud_pattern"]]
+    detected = hits[hits["user_id"] == hits["user_id_labelled"]]
+
+    if as_of is None and len(transactions):
+        as_of = pd.to_datetime(transactions["event_time"], utc=True).max()
+    episodes = labels.groupby("episode").agg(rule=("fraud_pattern", "first"),
+                                             last=("event_time", "max"))
+    span = episodes["rule"].map(dict(spans)).astype("float64").fillna(0.0)
+    age = ((pd.Timestamp(as_of) - episodes["last"]).dt.total_seconds() if as_of is not None
+           else pd.Series(float("inf"), index=episodes.index))
+    pending = episodes[(episodes["rule"] != HIGH_VALUE) & (span > 0) & (age <= span)
+                       & ~episodes.index.isin(detected["episode"])]
+
+    seen = set(alerts["rule"].dropna()) | set(labels["fraud_pattern"])
+    rules = [*RULES, *sorted(seen - set(RULES))]
+    report = pd.DataFrame({
+        "alerts": alerts.groupby("rule").size(),
+        "true_positive_alerts": hits.groupby("rule")["alert"].nunique(),
+        "episodes": episodes.groupby("rule").size(),
+        "detected_episodes": detected.groupby("rule")["episode"].nunique(),
+        "pending_episodes": pending.groupby("rule").size(),
+    }).reindex(rules).fillna(0).astype("int64")
+    report["precision"] = _ratio(report["true_positive_alerts"], report["alerts"])
+    report["recall"] = _ratio(report["detected_episodes"],
+                              report["episodes"] - report["pending_episodes"])
+    report.index.name = "rule"
+    return report[list(REPORT_COLUMNS)]
+
+
+def _labels(transactions: pd.DataFrame, spans: Mapping[str, float]) -> pd.DataFrame:
+    """Labelled transactions with an ``episode`` number (unique across rules and users)."""
+    labels = (
+        transactions.loc[transactions["fraud_pattern"].notna(),
+                         ["transaction_id", "user_id", "event_time", "fraud_pattern"]]
+        .drop_duplicates("transaction_id")
+        .sort_values(["fraud_pattern", "user_id", "event_time", "transaction_id"])
+        .reset_index(drop=True)
+    )
+    labels["event_time"] = pd.to_datetime(labels["event_time"], utc=True)
+    gap = labels.groupby(["fraud_pattern", "user_id"])["event_time"].diff().dt.total_seconds()
+    span = labels["fraud_pattern"].map(dict(spans)).astype("float64").fillna(0.0)
+    starts = gap.isna() | (gap > span) | (labels["fraud_pattern"] == HIGH_VALUE)
+    labels["episode"] = starts.cumsum()
+    return labels
+
+
+def _ratio(numerator: pd.Series, denominator: pd.Series) -> pd.Series:
+    return (numerator / denominator.where(denominator > 0)).astype("float64")
+
+
+def format_ratio(value: float) -> str:
+    """A precision or recall for people: a percentage, or ``n/a`` when undefined."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.1%}"
+
+
+def report_records(report: pd.DataFrame) -> list[dict[str, object]]:
+    """The report as JSON-ready rows (NaN becomes null)."""
+    rows = []
+    for rule, row in report.iterrows():
+        record: dict[str, object] = {"rule": rule}
+        for column in REPORT_COLUMNS:
+            value = row[column]
+            if column in ("precision", "recall"):
+                record[column] = None if math.isnan(value) else float(value)
+            else:
+                record[column] = int(value)
+        rows.append(record)
+    return rows
+
+
+def format_report(report: pd.DataFrame) -> str:
+    """A plain-text table of the report."""
+    shown = report.copy()
+    for column in ("precision", "recall"):
+        shown[column] = shown[column].map(format_ratio)
+    return shown.reset_index().to_string(index=False)
+
+
+# --- reading the Parquet history ----------------------------------------------------------------
+
+
+def dataset_files(root: Path, dataset: str) -> list[Path]:
+    """The Parquet files of one dataset, in path order.
+
+    Paths with a component starting with ``_`` or ``.`` are skipped: they are writers' temporary
+    files and markers (``.part-*.tmp``, ``_SUCCESS``, ``_temporary/``), never finished data.
+    """
+    base = Path(root) / dataset
+    files: list[Path] = []
+    # os.walk ignores folders that vanish while it walks (a batch being replaced).
+    for folder, subfolders, names in os.walk(base):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(("_", ".")))
+        files.extend(
+            Path(folder) / name for name in sorted(names)
+            if name.endswith(".parquet") and not name.startswith(("_", "."))
+        )
+    return files
+
+
+def read_parquet_file(
+    path: Path, schema: pa.Schema, row_filter: pc.Expression | None = None
+) -> pa.Table | None:
+    """One file conformed to ``schema`` (missing columns become nulls, types are cast), or None
+    with a logged warning if the file is unreadable or still being written."""
+    try:
+        with pq.ParquetFile(path) as parquet_file:
+            present = [name for name in schema.names if name in parquet_file.schema_arrow.names]
+            table = parquet_file.read(columns=present)
+        table = conform(table, schema)
+        return table.filter(row_filter) if row_filter is not None else table
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        log.warning("skipping unreadable Parquet file %s: %s", path, exc)
+        return None
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in order and of its types."""
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            column = table[field.name]
+            columns.append(column if column.type == field.type
+                           else column.cast(field.type, safe=False))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def read_dataset(
+    root: Path, dataset: str, schema: pa.Schema, row_filter: pc.Expression | None = None
+) -> pa.Table:
+    """Every readable file of a dataset as one table (empty, with ``schema``, if none)."""
+    tables = [
+        table for path in dataset_files(root, dataset)
+        if (table := read_parquet_file(path, schema, row_filter)) is not None
+    ]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def load_report(parquet_dir: Path, spans: Mapping[str, float]) -> pd.DataFrame:
+    """The quality report over the Parquet history under ``parquet_dir``."""
+    event_times = read_dataset(parquet_dir, TRANSACTIONS_DATASET,
+                               pa.schema([LABEL_SCHEMA.field("event_time")]))
+    labelled = ~pc.field("fraud_pattern").is_null()
+    transactions = read_dataset(parquet_dir, TRANSACTIONS_DATASET, LABEL_SCHEMA, labelled)
+    alerts = read_dataset(parquet_dir, ALERTS_DATASET, EVIDENCE_SCHEMA)
+    return quality_report(transactions.to_pandas(), alerts.to_pandas(), spans,
+                          as_of=pc.max(event_times["event_time"]).as_py())
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.prog = PROG
+    parser.description = (
+        "Print precision and recall of each rule, from the alerts and the labelled transactions "
+        "in the Parquet history. Rule spans come from the detector settings (same flags)."
+    )
+    parser.add_argument("--json", action="store_true", default=False,
+                        help="print JSON rows instead of a table")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    def run() -> int:
+        settings, namespace = load_settings(DetectorSettings, argv, extra_args=_add_flags)
+        setup_logging("quality")
+        report = load_report(settings.parquet_dir, rule_spans(settings))
+        if namespace.json:
+            print(json.dumps(report_records(report), indent=2))
+        else:
+            print(format_report(report))
+        return 0
+
+    run_entry_point(PROG, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Every dashboard page through Streamlit's AppTest, over a Parquet history + metrics file
+written like the detector writes them, with the real embedded broker (and once with an
+unreachable address: the pages must say so and keep showing the history)."""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from confluent_kafka import Producer
+from streamlit.testing.v1 import AppTest
+
+from dashboard.cli import main as cli_main
+from dashboard.cli import streamlit_command
+from dashboard.data.metrics import MetricsTail
+from dashboard.data.parquet import (
+    ALERTS_SCHEMA,
+    DLQ_SCHEMA,
+    TRANSACTIONS_SCHEMA,
+    DatasetCache,
+)
+from dashboard.data.views import alerts_over_time, amount_distribution, count_by_rule
+from fraudstream.broker import EmbeddedBroker, free_port
+from fraudstream.schemas import (
+    ALERTS_DATASET,
+    DLQ_DATASET,
+    HIGH_VALUE,
+    METRICS_FILE_NAME,
+    METRICS_FOLDER,
+    MULTI_LOCATION,
+    TRANSACTIONS_DATASET,
+    VELOCITY,
+    alert_id,
+    format_timestamp,
+    to_json_ready,
+)
+from fraudstream.topics import ALERTS
+from spark_job.quality import format_ratio, load_report
+
+APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def transaction(tid: str, user: str, seconds_ago: float, amount: float, location: str,
+                pattern: str | None = None) -> dict[str, Any]:
+    moment = NOW - timedelta(seconds=seconds_ago)
+    return {"transaction_id": tid, "user_id": user, "amount": amount, "currency": "EUR",
+            "event_time": moment, "location": location, "payment_method": "card",
+            "merchant_id": "m001", "device_ip": "203.0.113.7", "is_fraud": pattern is not None,
+            "fraud_pattern": pattern, "key": user, "topic": "transactions", "partition": 0,
+            "offset": 0, "kafka_timestamp": moment}
+
+
+def make_alert(rule: str, evidence: list[dict[str, Any]], detected_seconds_ago: float
+               ) -> dict[str, Any]:
+    user = evidence[0]["user_id"]
+    ids = [t["transaction_id"] for t in evidence]
+    return {"alert_id": alert_id(rule, user, ids), "rule": rule, "user_id": user,
+            "window_start": min(t["event_time"] for t in evidence),
+            "window_end": max(t["event_time"] for t in evidence),
+            "transaction_count": len(ids), "total_amount": sum(t["amount"] for t in evidence),
+            "locations": sorted({t["location"] for t in evidence}), "transaction_ids": ids,
+            "reason": f"{rule} fired", "detected_at": NOW - timedelta(seconds=detected_seconds_ago)}
+
+
+def write_batch(root: Path, dataset: str, batch_id: int, rows: list[dict[str, Any]],
+                schema: pa.Schema) -> None:
+    folder = root / dataset / f"batch_id={batch_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "part-0.parquet")
+
+
+# One velocity burst (detected), one high-value purchase (detected), one multi-location pair
+# (missed), an alert on normal traffic (false positive), and the Kafka-only alert.
+VELOCITY_TXS = [transaction(f"v{i}", "u-velocity", 300 - i * 10, 20.0 + i, "Lyon", VELOCITY)
+                for i in range(4)]
+HIGH_TX = transaction("h1", "u-high", 200, 4200.0, "Paris", HIGH_VALUE)
+MULTI_TXS = [transaction("m1", "u-multi", 450, 30.0, "Berlin", MULTI_LOCATION),
+             transaction("m2", "u-multi", 400, 35.0, "Madrid", MULTI_LOCATION)]
+NORMAL_TXS = [transaction(f"n{i}", "u-normal", 400 - i * 30, 50.0 + i, "Rome") for i in range(4)]
+PARQUET_ALERTS = [make_alert(VELOCITY, VELOCITY_TXS, 250), make_alert(HIGH_VALUE, [HIGH_TX], 190),
+                  make_alert(VELOCITY, NORMAL_TXS, 280)]
+KAFKA_ONLY = make_alert(HIGH_VALUE, [transaction("k1", "u-kafka-only", 30, 5000.0, "Vienna")], 20)
+
+
+def write_history(root: Path) -> None:
+    txs = [*VELOCITY_TXS, HIGH_TX, *MULTI_TXS, *NORMAL_TXS]
+    write_batch(root, TRANSACTIONS_DATASET, 0, txs[:5], TRANSACTIONS_SCHEMA)
+    write_batch(root, TRANSACTIONS_DATASET, 1, txs[5:], TRANSACTIONS_SCHEMA)
+    write_batch(root, ALERTS_DATASET, 1, PARQUET_ALERTS, ALERTS_SCHEMA)
+    dlq = {"key": "u1", "topic": "transactions", "partition": 0, "offset": 7,
+           "kafka_timestamp": NOW, "error_reason": "invalid_json", "error_detail": "x",
+           "raw_value": "{not json"}
+    write_batch(root, DLQ_DATASET, 1, [dlq, {**dlq, "offset": 8}], DLQ_SCHEMA)
+    (root / ALERTS_DATASET / "batch_id=2").mkdir()
+    (root / ALERTS_DATASET / "batch_id=2" / ".part-0.tmp").write_bytes(b"PAR1")
+    metrics = root / METRICS_FOLDER / METRICS_FILE_NAME
+    metrics.parent.mkdir(parents=True)
+    lines = [{"batch_id": i, "written_at": format_timestamp(NOW - timedelta(seconds=40 - 10 * i)),
+              "input_rows": 100, "valid_rows": 99, "dlq_rows": 1, "late_rows": 2,
+              "alerts": {VELOCITY: 1}, "batch_seconds": 0.4, "rows_per_second": 250.0,
+              "watermark": None, "latency_ms_p50": 800.0 + i, "latency_ms_p95": 1500.0 + i,
+              "latency_ms_max": 2000.0} for i in range(4)]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"batch_id": 9')
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("parquet")
+    write_history(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def produced(broker: EmbeddedBroker) -> dict[str, Any]:
+    """The Kafka-only alert and a replayed copy of a Parquet alert, on the alerts topic."""
+    producer = Producer(broker.client_config())
+    for alert in (KAFKA_ONLY, PARQUET_ALERTS[0]):
+        producer.produce(ALERTS, key=alert["user_id"], value=json.dumps(to_json_ready(alert)))
+    assert producer.flush(15) == 0
+    return KAFKA_ONLY
+
+
+@pytest.fixture
+def app_env(monkeypatch: pytest.MonkeyPatch, history: Path) -> Callable[[str], AppTest]:
+    def make(bootstrap: str) -> AppTest:
+        monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        monkeypatch.setenv("PARQUET_DIR", str(history))
+        monkeypatch.delenv("FRAUDSTREAM_DASHBOARD_ARGS", raising=False)
+        return AppTest.from_file(str(APP), default_timeout=60)
+    return make
+
+
+def run_until(app: AppTest, condition: Callable[[AppTest], bool], timeout: float = 30.0
+              ) -> AppTest:
+    """Rerun the app until ``condition`` holds (the Kafka tail fills over refreshes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        app.run()
+        assert not app.exception, [e.value for e in app.exception]
+        if condition(app) or time.monotonic() > deadline:
+            return app
+
+
+def table_users(app: AppTest) -> set[str]:
+    return set(app.dataframe[0].value["user_id"])
+
+
+def metric_values(app: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in app.metric}
+
+
+@pytest.fixture
+def reachable(app_env: Callable[[str], AppTest], broker: EmbeddedBroker,
+              produced: dict[str, Any]) -> Iterator[AppTest]:
+    yield app_env(broker.bootstrap_servers)
+
+
+def test_live_page_merges_kafka_and_history_and_filters(reachable: AppTest) -> None:
+    app = run_until(reachable, lambda a: "u-kafka-only" in table_users(a))
+    assert app.title[0].value == "Live alerts"
+    assert not app.warning, "no banner while the broker answers"
+    table = app.dataframe[0].value
+    assert set(table["user_id"]) == {"u-velocity", "u-high", "u-normal", "u-kafka-only"}
+    assert table["alert_id"].is_unique, "a replayed alert is shown once"
+    assert list(table["detected_at"]) == sorted(table["detected_at"], reverse=True)
+    metrics = metric_values(app)
+    assert metrics["Latency p95"] == "1.50 s"
+    assert metrics["Transactions/s in"] != "n/a"
+
+    app.text_input(key="live.user").set_value("u-high").run()
+    assert table_users(app) == {"u-high"}
+    app.text_input(key="live.user").set_value("").run()
+    app.multiselect(key="live.rules").set_value([VELOCITY]).run()
+    assert table_users(app) == {"u-velocity", "u-normal"}
+
+
+def test_live_page_shows_the_evidence_of_a_selected_alert(reachable: AppTest) -> None:
+    app = run_until(reachable, lambda a: "u-kafka-only" in table_users(a))
+    picker = app.selectbox(key="live.alert")
+    assert picker.value is None
+    picker.set_value(PARQUET_ALERTS[0]["alert_id"]).run()
+    assert not app.exception
+    assert app.json[0].value and json.loads(app.json[0].value)["user_id"] == "u-velocity"
+    evidence = app.dataframe[1].value
+    assert list(evidence["transaction_id"]) == ["v0", "v1", "v2", "v3"]
+    assert any("4 of 4 transactions" in t.value for t in app.text)
+
+
+def test_overview_page_shows_kpis_and_every_chart(reachable: AppTest) -> None:
+    app = run_until(reachable, lambda a: "u-kafka-only" in table_users(a))
+    app.switch_page("pages/overview.py")
+    app = run_until(app, lambda a: "Alerts: ` high_value `" in metric_values(a))
+    assert app.title[0].value == "Overview"
+    metrics = metric_values(app)
+    assert metrics["DLQ rows"] == "2"
+    assert metrics["Late rows"] == "8"
+    assert metrics["Alerts: ` velocity `"] == "2"
+    assert metrics["Alerts: ` high_value `"] == "2"  # one in Parquet, one only in Kafka
+    plotly = app.get("plotly_chart")
+    charts = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in plotly]
+    assert charts == ["Alerts over time, by rule", "Top flagged users", "Alert locations",
+                      "Alerts by rule (all history)",
+                      "Amount distribution: flagged vs all transactions",
+                      "Event -> alert latency per batch"]
+    # The map's world outline comes from the app's static folder, not a CDN.
+    assert json.loads(plotly[2].proto.config)["topojsonURL"] == "app/static/"
+
+
+def test_quality_page_matches_the_cli_numbers(reachable: AppTest, history: Path) -> None:
+    reachable.run()
+    reachable.switch_page("pages/quality.py").run()
+    assert not reachable.exception
+    shown = reachable.dataframe[0].value.set_index("rule")
+    expected = load_report(history, {VELOCITY: 60.0, MULTI_LOCATION: 120.0, "paypal_micro": 240.0})
+    for rule in expected.index:
+        assert shown.loc[rule, "precision"] == format_ratio(expected.loc[rule, "precision"])
+        assert shown.loc[rule, "recall"] == format_ratio(expected.loc[rule, "recall"])
+    assert shown.loc[VELOCITY, "precision"] == "50.0%"  # one of two velocity alerts is real
+    assert shown.loc[MULTI_LOCATION, "recall"] == "0.0%"  # over before the newest event - 120 s
+    assert shown.loc[MULTI_LOCATION, "pending_episodes"] == 0
+    assert shown.loc["paypal_micro", "precision"] == "n/a"
+
+
+def test_topics_page_lists_topics_and_messages(reachable: AppTest) -> None:
+    reachable.run()
+    reachable.switch_page("pages/topics.py").run()
+    assert not reachable.exception
+    topics = set(reachable.dataframe[0].value["topic"])
+    assert {"transactions", "fraud-alerts", "transactions-dlq"} <= topics
+    assert reachable.selectbox(key="topics.topic").value == ALERTS
+    bodies = [json.loads(j.value) for j in reachable.json]
+    assert {"u-kafka-only", "u-velocity"} <= {b["user_id"] for b in bodies}
+
+
+def test_unreachable_broker_shows_a_banner_and_the_history(
+        app_env: Callable[[str], AppTest]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    app = app_env(address)
+    app.run()
+    assert not app.exception
+    banners = [w.value for w in app.warning]
+    assert any("Kafka broker unreachable at" in b and address in b for b in banners), banners
+    assert table_users(app) == {"u-velocity", "u-high", "u-normal"}
+    app.switch_page("pages/topics.py").run()
+    assert not app.exception
+    assert any("Kafka broker unreachable at" in e.value for e in app.error)
+
+
+def test_every_page_renders_with_no_data_at_all(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("PARQUET_DIR", str(tmp_path / "missing"))
+    app = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not app.exception
+    assert app.dataframe[0].value.empty
+    assert metric_values(app)["Last batch"] == "n/a"
+    for page in ("pages/overview.py", "pages/quality.py"):
+        app.switch_page(page).run()
+        assert not app.exception, page
+    assert list(app.dataframe[0].value["precision"]) == ["n/a"] * 4
+
+
+# --- views, readers and launcher ------------------------------------------------------------
+
+
+def alerts_frame(alerts: list[dict[str, Any]]) -> pd.DataFrame:
+    return pa.Table.from_pylist(alerts, schema=ALERTS_SCHEMA).to_pandas()
+
+
+def test_alerts_over_time_picks_a_bucket_width_from_the_span() -> None:
+    # A 10-minute span: 5 s buckets would be 120 bars, 10 s buckets are 60.
+    frame = alerts_frame([make_alert(VELOCITY, VELOCITY_TXS, 600),
+                          make_alert(VELOCITY, NORMAL_TXS, 3),
+                          make_alert(HIGH_VALUE, [HIGH_TX], 0)])
+    data = alerts_over_time(frame)
+    assert data["alerts"].sum() == 3
+    assert data["bucket"].dt.second.isin(range(0, 60, 10)).all()
+    assert (data["bucket"].diff().dropna() % pd.Timedelta("10s") == pd.Timedelta(0)).all()
+    assert set(data["rule"]) == {VELOCITY, HIGH_VALUE}
+
+
+def test_count_by_rule_adds_tail_alerts_missing_from_the_history() -> None:
+    history = pa.Table.from_pylist(PARQUET_ALERTS, schema=ALERTS_SCHEMA)
+    live = alerts_frame([KAFKA_ONLY, PARQUET_ALERTS[0]])  # one new, one replayed
+    assert count_by_rule(history, live).to_dict() == {HIGH_VALUE: 2, VELOCITY: 2}
+
+
+def test_amount_distribution_compares_flagged_with_all() -> None:
+    txs = pa.Table.from_pylist([*VELOCITY_TXS, HIGH_TX, *NORMAL_TXS], schema=TRANSACTIONS_SCHEMA)
+    data = amount_distribution(txs, {HIGH_TX["transaction_id"]})
+    shares = data.groupby("group")["share"].sum()
+    assert shares.to_list() == pytest.approx([1.0, 1.0])
+    flagged = data[(data["group"] != "all transactions") & (data["count"] > 0)]
+    assert flagged["amount"].iloc[0] == pytest.approx(4200.0, rel=0.2)
+
+
+# --- readers and launcher -------------------------------------------------------------------
+
+
+def test_dataset_cache_reads_only_changed_files_and_forgets_deleted_ones(tmp_path: Path) -> None:
+    cache = DatasetCache(tmp_path, ALERTS_DATASET, ALERTS_SCHEMA)
+    assert cache.refresh()[0].num_rows == 0  # missing folder
+    write_batch(tmp_path, ALERTS_DATASET, 0, PARQUET_ALERTS[:1], ALERTS_SCHEMA)
+    table, version = cache.refresh()
+    assert table.num_rows == 1
+    assert cache.refresh()[1] == version, "nothing changed, nothing re-read"
+    write_batch(tmp_path, ALERTS_DATASET, 0, PARQUET_ALERTS, ALERTS_SCHEMA)  # replayed batch
+    assert cache.refresh()[0].num_rows == 3
+    for path in (tmp_path / ALERTS_DATASET / "batch_id=0").iterdir():
+        path.unlink()
+    assert cache.refresh()[0].num_rows == 0
+
+
+def test_metrics_tail_reads_appended_complete_lines(tmp_path: Path) -> None:
+    path = tmp_path / "detector.jsonl"
+    tail = MetricsTail(path)
+    assert tail.refresh().batches.empty  # no file yet
+    line = {"batch_id": 0, "written_at": format_timestamp(NOW), "input_rows": 5, "late_rows": 1}
+    path.write_text(json.dumps(line) + "\n" + '{"batch_id": 1, "writ')
+    snapshot = tail.refresh()
+    assert list(snapshot.batches["batch_id"]) == [0]
+    with path.open("a") as handle:
+        handle.write('ten_at": "' + format_timestamp(NOW) + '", "input_rows": 7}\nnot json\n')
+    snapshot = tail.refresh()
+    assert list(snapshot.batches["batch_id"]) == [0, 1]
+    assert snapshot.totals["input_rows"] == 12 and snapshot.invalid_lines == 1
+    path.unlink()
+    path.write_text(json.dumps(line) + "\n")  # replaced: start over
+    assert tail.refresh().totals["input_rows"] == 5
+
+
+def test_launcher_serves_the_app_with_its_config() -> None:
+    command = streamlit_command()
+    assert command[1:4] == ["-m", "streamlit", "run"] and Path(command[4]) == APP
+    # Streamlit reads the config beside the app; STREAMLIT_* variables override it.
+    config = tomllib.loads((APP.parent / ".streamlit" / "config.toml").read_text())
+    assert (config["server"]["address"], config["server"]["port"]) == ("127.0.0.1", 8501)
+    assert config["server"]["enableStaticServing"] is True
+    assert (APP.parent / "static" / "world_110m.json").stat().st_size > 100_000
+
+
+def test_launcher_rejects_a_bad_setting_before_starting(capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--refresh-seconds", "0.1"])
+    assert exit_info.value.code == 2
+    assert "DASHBOARD_REFRESH_SECONDS" in capsys.readouterr().err
