@@ -14,7 +14,8 @@ Format name ``fraudstream-kafka`` (registered by ``spark_job.session.build_spark
         .load()
 
 Offsets are ``{"<partition>": <next offset to read>}`` JSON, stored by Spark in the checkpoint.
-Each micro-batch has one Spark partition per Kafka partition with new data; a task reads exactly
+Each micro-batch has one Spark partition per Kafka partition with new data (more with the
+``minPartitions`` option, which splits ranges deterministically); a task reads exactly
 ``[start, end)`` with ``assign()`` (never a consumer group, never a commit), so replaying a
 batch yields the same rows, and a task that cannot reach ``end`` fails instead of returning
 fewer rows than the offsets promise.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +31,7 @@ from dashboard.data.parquet import (
 )
 from dashboard.data.views import alerts_over_time, amount_distribution, count_by_rule
 from fraudstream.broker import EmbeddedBroker, free_port
+from fraudstream.kafka import ensure_topics, wait_for_broker
 from fraudstream.schemas import (
     ALERTS_DATASET,
     DLQ_DATASET,
@@ -43,7 +45,7 @@ from fraudstream.schemas import (
     format_timestamp,
     to_json_ready,
 )
-from fraudstream.topics import ALERTS
+from fraudstream.topics import ALERTS, TopicSpec
 from spark_job.quality import format_ratio, load_report
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
@@ -120,12 +122,18 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+#: This module's own alerts topic: other tests share the session broker's `fraud-alerts`.
+ALERTS_TOPIC = f"{ALERTS}-dashboard-pages-{uuid.uuid4().hex[:6]}"
+
+
 @pytest.fixture(scope="module")
 def produced(broker: EmbeddedBroker) -> dict[str, Any]:
     """The Kafka-only alert and a replayed copy of a Parquet alert, on the alerts topic."""
+    ensure_topics(wait_for_broker(broker.client_config(), 10), [TopicSpec(ALERTS_TOPIC, 3)])
     producer = Producer(broker.client_config())
     for alert in (KAFKA_ONLY, PARQUET_ALERTS[0]):
-        producer.produce(ALERTS, key=alert["user_id"], value=json.dumps(to_json_ready(alert)))
+        producer.produce(ALERTS_TOPIC, key=alert["user_id"],
+                         value=json.dumps(to_json_ready(alert)))
     assert producer.flush(15) == 0
     return KAFKA_ONLY
 
@@ -135,6 +143,7 @@ def app_env(monkeypatch: pytest.MonkeyPatch, history: Path) -> Callable[[str], A
     def make(bootstrap: str) -> AppTest:
         monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
         monkeypatch.setenv("PARQUET_DIR", str(history))
+        monkeypatch.setenv("ALERTS_TOPIC", ALERTS_TOPIC)
         monkeypatch.delenv("FRAUDSTREAM_DASHBOARD_ARGS", raising=False)
         return AppTest.from_file(str(APP), default_timeout=60)
     return make
@@ -237,7 +246,7 @@ def test_topics_page_lists_topics_and_messages(reachable: AppTest) -> None:
     assert not reachable.exception
     topics = set(reachable.dataframe[0].value["topic"])
     assert {"transactions", "fraud-alerts", "transactions-dlq"} <= topics
-    assert reachable.selectbox(key="topics.topic").value == ALERTS
+    assert reachable.selectbox(key="topics.topic").value == ALERTS_TOPIC
     bodies = [json.loads(j.value) for j in reachable.json]
     assert {"u-kafka-only", "u-velocity"} <= {b["user_id"] for b in bodies}
 

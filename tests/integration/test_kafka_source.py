@@ -425,3 +425,15 @@ def test_limit_offsets_spreads_the_budget_exactly(lags: tuple[int, ...], limit: 
     cut = limit_offsets(start, end, limit)
     assert all(start[p] <= cut[p] <= end[p] for p in end)
     assert sum(cut[p] - start[p] for p in end) == min(limit, sum(lags))
+
+
+def test_min_partitions_splits_ranges_contiguously() -> None:
+    start, end = {0: 0, 1: 10}, {0: 1000, 1: 510, 2: 3}
+    assert [(p.partition, p.start, p.end) for p in plan_partitions("t", start, end)] == [
+        (0, 0, 1000), (1, 10, 510), (2, 0, 3)]
+    split = plan_partitions("t", start, end, min_partitions=6)
+    assert len(split) >= 6
+    covered = sorted((p.partition, o) for p in split for o in range(p.start, p.end))
+    assert covered == sorted([(0, o) for o in range(1000)] + [(1, o) for o in range(10, 510)]
+                             + [(2, o) for o in range(3)])
+    assert split == plan_partitions("t", start, end, min_partitions=6)
