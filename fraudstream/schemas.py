@@ -190,3 +190,9 @@ class BatchMetrics(TypedDict):
     latency_ms_p50: float | None
     latency_ms_p95: float | None
     latency_ms_max: float | None
+    #: duplicate transaction ids ignored by the windowed rules (resends within the watermark)
+    duplicate_rows: int
+    #: where the batch's time went, seconds: Spark's phases (``spark.*``: latestOffset,
+    #: queryPlanning, addBatch, walCommit, commitOffsets...) and the sink step's own
+    #: (``collect``, ``bronze``, ``sinks``)
+    stage_seconds: dict[str, float]

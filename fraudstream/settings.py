@@ -540,6 +540,11 @@ class DetectorSettings(KafkaSettings):
         2, env="SHUFFLE_PARTITIONS", minimum=1, help="spark.sql.shuffle.partitions (fixed by the "
         "checkpoint once a query has started)",
     )
+    state_buckets: int = setting(
+        32, env="STATE_BUCKETS", minimum=1, maximum=4096,
+        help="hash buckets of user_id that group the windowed rules' state (fixed by the "
+             "checkpoint; more buckets = more parallelism on a cluster, more per-batch overhead)",
+    )
     console_alerts: bool = setting(True, env="CONSOLE_ALERTS", help="print alerts to the console")
     watermark_seconds: float = setting(
         60.0, env="WATERMARK_SECONDS", minimum=0, help="allowed lateness for the windowed rules"

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 QUERY_NAME = "fraud-detector"
 CHECKPOINT_CONTRACT_FILE = "fraudstream-checkpoint.json"
 #: Bump when the state layout of the windowed rules changes incompatibly.
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def source_options(settings: DetectorSettings) -> dict[str, str]:
@@ -91,6 +91,7 @@ def checkpoint_contract(settings: DetectorSettings, config: RuleConfig) -> dict[
         "rules": config.fingerprint(),
         "watermark_seconds": settings.watermark_seconds,
         "shuffle_partitions": settings.shuffle_partitions,
+        "state_buckets": settings.state_buckets,
         "transactions_topic": settings.transactions_topic,
     }
 
@@ -128,14 +129,17 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
 class Detector:
     """The running streaming query and its clean stop."""
 
-    def __init__(self, settings: DetectorSettings, spark: SparkSession | None = None) -> None:
+    def __init__(self, settings: DetectorSettings, spark: SparkSession | None = None,
+                 outputs: DetectorOutputs | None = None) -> None:
+        """``outputs`` replaces the sinks built from settings (tests attach list sinks or a
+        deliberately non-idempotent sink here)."""
         self.settings = settings
         self.config = RuleConfig.from_settings(settings)
         self.spark = spark
         self.query: StreamingQuery | None = None
         self.stop_requested = False
         self.listener: MetricsListener | None = None
-        self.outputs: DetectorOutputs | None = None
+        self.outputs: DetectorOutputs | None = outputs
 
     def start(self) -> StreamingQuery:
         settings = self.settings
@@ -146,8 +150,10 @@ class Detector:
                 shuffle_partitions=settings.shuffle_partitions,
             )
         stream = open_transactions_stream(self.spark, settings)
-        plan = build_detection_plan(stream, self.config, settings.watermark_seconds)
-        self.outputs = build_outputs(settings)
+        plan = build_detection_plan(stream, self.config, settings.watermark_seconds,
+                                    settings.state_buckets)
+        if self.outputs is None:
+            self.outputs = build_outputs(settings)
         processor = BatchProcessor(self.config, self.outputs)
         self.listener = MetricsListener(processor, settings.resolved_metrics_file)
         self.spark.streams.addListener(self.listener)

@@ -20,7 +20,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from fraudstream import schemas
-from spark_job.plan import KIND_ALERT, KIND_TX
+from spark_job.plan import KIND_ALERT, KIND_STATS, KIND_TX
 from spark_job.rules import MICROS, RuleConfig, Tx, alert_record, high_value_alert
 from spark_job.sinks import RecordSink, batch_folder, write_all
 
@@ -41,9 +41,12 @@ class BatchOutcome:
 
     batch_id: int
     dlq_rows: int = 0
+    late_rows: int = 0
+    duplicate_rows: int = 0
     alerts: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     sink_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,15 +103,22 @@ class BatchProcessor:
         rejected = is_tx & F.col("error_reason").isNotNull()
         high_value = is_tx & F.col("error_reason").isNull() & (
             F.col("amount") > F.lit(self.config.high_value_amount))
+        stages: dict[str, float] = {}
+        mark = time.monotonic()
         # One small collect carries everything the driver-side sinks need.
-        interesting = batch.where((kind == KIND_ALERT) | rejected | high_value).collect()
+        interesting = batch.where(
+            (kind == KIND_ALERT) | (kind == KIND_STATS) | rejected | high_value).collect()
 
         rejected_at = datetime.now(UTC)
         dlq_records: list[dict[str, Any]] = []
         alerts: list[dict[str, Any]] = []
+        late_rows = duplicate_rows = 0
         for row in interesting:
             record = row.asDict()
-            if record["kind"] == KIND_ALERT:
+            if record["kind"] == KIND_STATS:
+                late_rows += record["late_rows"] or 0
+                duplicate_rows += record["duplicate_rows"] or 0
+            elif record["kind"] == KIND_ALERT:
                 alert = {name: record[name] for name in schemas.ALERT_FIELDS if name != "user_id"}
                 alert["user_id"] = record["alert_user_id"]
                 for name in ("window_start", "window_end", "detected_at"):
@@ -133,17 +143,24 @@ class BatchProcessor:
         alerts = list({a["alert_id"]: a for a in alerts}.values())
         alerts.sort(key=lambda a: (a["detected_at"], a["rule"], a["user_id"]))
 
+        stages["collect"] = time.monotonic() - mark
+        mark = time.monotonic()
         if self.outputs.bronze_dir is not None:
             target = batch_folder(self.outputs.bronze_dir, batch_id)
             valid = batch.where(is_tx & F.col("error_reason").isNull()).select(*BRONZE_COLUMNS)
             valid.write.mode("overwrite").parquet(str(target))
 
+        stages["bronze"] = time.monotonic() - mark
+        mark = time.monotonic()
         write_all(self.outputs.dlq, batch_id, [_kafka_dlq_record(r) for r in dlq_records])
         public_alerts = [{k: v for k, v in a.items() if not k.startswith("_")} for a in alerts]
         write_all(self.outputs.alerts, batch_id, public_alerts)
 
         published = datetime.now(UTC)
-        outcome = BatchOutcome(batch_id=batch_id, dlq_rows=len(dlq_records))
+        stages["sinks"] = time.monotonic() - mark
+        outcome = BatchOutcome(batch_id=batch_id, dlq_rows=len(dlq_records),
+                               late_rows=late_rows, duplicate_rows=duplicate_rows,
+                               stage_seconds=stages)
         for alert in alerts:
             outcome.alerts[alert["rule"]] += 1
             trigger = alert["_trigger_kafka_timestamp"]

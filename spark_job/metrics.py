@@ -46,8 +46,8 @@ def metrics_line(progress: Mapping[str, Any], outcome: BatchOutcome | None) -> s
     """Build the JSON-lines record from Spark's progress dict and the batch's own outcome."""
     input_rows = records_between_offsets(progress)
     duration_ms = (progress.get("durationMs") or {}).get("triggerExecution") or 0
-    late = sum(int(op.get("numRowsDroppedByWatermark") or 0)
-               for op in progress.get("stateOperators") or [])
+    # The rules' operator sees late rows (it counts them itself); Spark drops none.
+    late = outcome.late_rows if outcome else 0
     dlq = outcome.dlq_rows if outcome else 0
     latencies = outcome.latencies_ms if outcome else []
     watermark = (progress.get("eventTime") or {}).get("watermark")
@@ -68,7 +68,18 @@ def metrics_line(progress: Mapping[str, Any], outcome: BatchOutcome | None) -> s
         "latency_ms_p50": percentile(latencies, 0.50),
         "latency_ms_p95": percentile(latencies, 0.95),
         "latency_ms_max": round(max(latencies), 1) if latencies else None,
+        "duplicate_rows": outcome.duplicate_rows if outcome else 0,
+        "stage_seconds": stage_seconds(progress, outcome),
     }
+
+
+def stage_seconds(progress: Mapping[str, Any], outcome: BatchOutcome | None) -> dict[str, float]:
+    stages = {f"spark.{name}": round(ms / 1000, 3)
+              for name, ms in (progress.get("durationMs") or {}).items()
+              if name != "triggerExecution"}
+    if outcome:
+        stages.update({name: round(sec, 3) for name, sec in outcome.stage_seconds.items()})
+    return stages
 
 
 def status_text(line: schemas.BatchMetrics) -> str:
@@ -77,7 +88,15 @@ def status_text(line: schemas.BatchMetrics) -> str:
                if line["latency_ms_p50"] is not None and line["latency_ms_p95"] is not None else "")
     return (f"batch {line['batch_id']}: {line['input_rows']} rows in {line['batch_seconds']:.2f} s"
             f" ({line['rows_per_second']:.0f} rows/s), alerts: {alerts}, dlq={line['dlq_rows']}, "
-            f"late={line['late_rows']}, watermark={line['watermark'] or '-'}{latency}")
+            f"late={line['late_rows']}, watermark={line['watermark'] or '-'}{latency}{_slow(line)}")
+
+
+def _slow(line: schemas.BatchMetrics) -> str:
+    """The stages that took a noticeable share of the batch, slowest first."""
+    stages = sorted(((sec, name) for name, sec in line.get("stage_seconds", {}).items()
+                     if sec >= 0.05), reverse=True)
+    return (" time: " + ", ".join(f"{name.removeprefix('spark.')}={sec:.2f}s"
+                                  for sec, name in stages)) if stages else ""
 
 
 class MetricsListener(StreamingQueryListener):

@@ -19,7 +19,7 @@ watermark. ``high_value_alert`` is stateless and fires for late events too.
 from __future__ import annotations
 
 import json
-from bisect import insort
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -134,6 +134,18 @@ def describe(rule: str, evidence: Sequence[Tx], config: RuleConfig) -> str:
             f"{_fmt_seconds(config.paypal_micro_window_us)} s (limit {config.paypal_micro_count})")
 
 
+def _previous_other_location(txs: Sequence[Tx]) -> list[int]:
+    """For each index k, the largest j < k whose location differs from txs[k]'s (-1 if none):
+    a span [start, k] holds two locations exactly when that index is >= start."""
+    out: list[int] = []
+    last_change = -1
+    for index, tx in enumerate(txs):
+        if index and tx.location != txs[index - 1].location:
+            last_change = index - 1
+        out.append(last_change)
+    return out
+
+
 def high_value_alert(user_id: str, tx: Tx, config: RuleConfig) -> RuleAlert | None:
     if tx.amount > config.high_value_amount:
         reason = f"amount {tx.amount:.2f} above {config.high_value_amount:g}"
@@ -179,37 +191,59 @@ class UserRuleState:
     def _evaluate(self, user_id: str, rule: str, earliest_new: int, config: RuleConfig
                   ) -> list[RuleAlert]:
         span = config.window_us(rule)
-        candidates = [tx for tx in self.buffer if relevant(rule, tx, config)]
+        if rule == schemas.PAYPAL_MICRO:
+            candidates = [tx for tx in self.buffer if relevant(rule, tx, config)]
+        else:
+            candidates = self.buffer
+        # Cheap necessary conditions first: most users most of the time satisfy none.
+        if rule == schemas.MULTI_LOCATION:
+            limit = 0
+            if len({tx.location for tx in candidates}) < config.multi_location_count:
+                return []
+            previous_other = _previous_other_location(candidates)
+        else:
+            limit = config.velocity_count if rule == schemas.VELOCITY else config.paypal_micro_count
+            if len(candidates) <= limit:
+                return []
+        times = [tx.event_us for tx in candidates]
+        count = len(candidates)
         episodes = self.episodes.setdefault(rule, [])
         alerts: list[RuleAlert] = []
-        start = 0
-        for end_index, tx in enumerate(candidates):
-            while candidates[start].event_us < tx.event_us - span:
+        # An arrival at time t changes only spans that end at or after t.
+        first = bisect_left(times, earliest_new)
+        start = bisect_left(times, times[first] - span) if first < count else 0
+        for end_index in range(first, count):
+            end_us = times[end_index]
+            while times[start] < end_us - span:
                 start += 1
-            # An arrival at time t changes only spans that end at or after t.
-            if tx.event_us < earliest_new:
-                continue
             # Ties: every transaction at the same instant belongs to the span ending there.
             stop = end_index + 1
-            while stop < len(candidates) and candidates[stop].event_us == tx.event_us:
+            while stop < count and times[stop] == end_us:
                 stop += 1
+            if rule != schemas.MULTI_LOCATION:
+                if stop - start <= limit:
+                    continue
+            elif config.multi_location_count == 2 and previous_other[stop - 1] < start:
+                continue  # one location only in this span
             window = candidates[start:stop]
             holds_until = evaluate_window(rule, window, config)
             if holds_until is None:
                 continue
             merged = False
             for episode in episodes:
-                if tx.event_us <= episode[1] and holds_until >= episode[0]:
-                    episode[0] = min(episode[0], tx.event_us)
+                if end_us <= episode[1] and holds_until >= episode[0]:
+                    episode[0] = min(episode[0], end_us)
                     episode[1] = max(episode[1], holds_until)
                     merged = True
                     break
             if not merged:
-                episodes.append([tx.event_us, holds_until])
+                episodes.append([end_us, holds_until])
                 episodes.sort()
                 evidence = tuple(window)
-                alerts.append(RuleAlert(rule, user_id, evidence, tx,
+                alerts.append(RuleAlert(rule, user_id, evidence, candidates[end_index],
                                         describe(rule, evidence, config)))
+        if not episodes:
+            del self.episodes[rule]
         return alerts
 
     def prune(self, watermark_us: int, config: RuleConfig) -> None:
@@ -239,6 +273,59 @@ class UserRuleState:
             return cls()
         data = json.loads(text)
         return cls(buffer=[Tx(*row) for row in data["b"]], episodes=data["e"])
+
+
+@dataclass
+class BucketState:
+    """The windowed rules' state of every user in one hash bucket of user_id.
+
+    Spark's stateful operator is keyed by bucket rather than by user: its per-key cost (a pandas
+    frame and a state round trip per key and batch) would otherwise dominate, as one batch
+    touches thousands of users. Rule semantics stay per user (``UserRuleState``).
+    """
+
+    users: dict[str, UserRuleState] = field(default_factory=dict)
+
+    def process(self, arrivals: dict[str, list[Tx]], config: RuleConfig
+                ) -> tuple[list[RuleAlert], int]:
+        """Feed each user's arrivals to their state; return (alerts, duplicates ignored)."""
+        alerts: list[RuleAlert] = []
+        duplicates = 0
+        for user_id, txs in arrivals.items():
+            user = self.users.get(user_id)
+            if user is None:
+                user = self.users[user_id] = UserRuleState()
+            found, dup = user.process(user_id, txs, config)
+            alerts.extend(found)
+            duplicates += dup
+        return alerts, duplicates
+
+    def prune(self, watermark_us: int, config: RuleConfig) -> None:
+        """Drop what no transaction at or after ``watermark_us`` can reach, and empty users."""
+        for user_id in list(self.users):
+            user = self.users[user_id]
+            user.prune(watermark_us, config)
+            if user.empty:
+                del self.users[user_id]
+
+    @property
+    def empty(self) -> bool:
+        return not self.users
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {user_id: [[list(tx) for tx in user.buffer], user.episodes]
+             for user_id, user in self.users.items()},
+            separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> BucketState:
+        if not text:
+            return cls()
+        return cls(users={
+            user_id: UserRuleState(buffer=[Tx(*row) for row in buffer], episodes=episodes)
+            for user_id, (buffer, episodes) in json.loads(text).items()
+        })
 
 
 # --- alert records ------------------------------------------------------------------------------
