@@ -75,12 +75,17 @@ class ParquetBatchSink:
         self.schema = schema
 
     def write(self, batch_id: int, records: Sequence[Record]) -> None:
-        folder = batch_folder(self.root, batch_id)
-        if not records:
-            shutil.rmtree(folder, ignore_errors=True)
-            return
         table = pa.Table.from_pylist([{k: r.get(k) for k in self.schema.names} for r in records],
                                      schema=self.schema)
+        self.write_table(batch_id, table)
+
+    def write_table(self, batch_id: int, table: pa.Table) -> None:
+        """The same contract for rows already in Arrow (selected and cast to the schema)."""
+        folder = batch_folder(self.root, batch_id)
+        if not table.num_rows:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        table = table.select(self.schema.names).cast(self.schema)
         folder.mkdir(parents=True, exist_ok=True)
         temporary = folder / f".part-0.{uuid.uuid4().hex}.tmp"
         pq.write_table(table, temporary)

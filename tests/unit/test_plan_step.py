@@ -1,0 +1,115 @@
+"""The per-bucket step and the sink step without Spark: lateness, duplicates, state round trip.
+
+``BucketStep`` is what runs inside ``applyInPandasWithState`` for one hash bucket of users, and
+``BatchProcessor.process_table`` what runs on the driver for the batch's Arrow rows; both are
+plain Python, so the watermark behaviour is checked here on small frames.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fraudstream import schemas
+from spark_job.batch import BatchProcessor, DetectorOutputs
+from spark_job.plan import KIND_ALERT, KIND_STATS, KIND_TX, OUTPUT_COLUMNS, OUTPUT_DDL, BucketStep
+from spark_job.rules import MICROS, BucketState, RuleConfig
+from spark_job.sinks import ListSink
+from spark_job.validation import TRANSACTION_ROW_SCHEMA
+
+# Frames of different kinds have all-null columns by design (see spark_job.plan).
+pytestmark = pytest.mark.filterwarnings("ignore:The behavior of DataFrame concatenation")
+
+BASE = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
+CONFIG = RuleConfig()
+DELAY_US = 60 * MICROS
+
+
+def row(user: str, seconds: float, *, amount: float = 20.0, tx_id: str | None = None,
+        location: str = "Lyon") -> dict[str, Any]:
+    moment = BASE + timedelta(seconds=seconds)
+    return {
+        "key": user, "topic": "transactions", "partition": 0, "offset": 0,
+        "kafka_timestamp": moment, "transaction_id": tx_id or f"{user}-{seconds}",
+        "user_id": user, "amount": amount, "currency": "EUR", "event_time": moment,
+        "location": location, "payment_method": "card", "merchant_id": "m1",
+        "device_ip": "203.0.113.1", "is_fraud": False, "fraud_pattern": None,
+        "error_reason": None, "error_detail": None, "raw_value": None,
+    }
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pa.Table.from_pylist(rows, schema=TRANSACTION_ROW_SCHEMA).to_pandas()
+
+
+def run(rows: list[dict[str, Any]], state: BucketState, watermark: datetime | None = None
+        ) -> pd.DataFrame:
+    watermark_us = round(watermark.timestamp() * MICROS) if watermark else 0
+    parts = list(BucketStep(CONFIG, DELAY_US).run(iter([frame(rows)]), state, watermark_us))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_every_row_passes_through_tagged_and_the_output_has_the_declared_columns() -> None:
+    out = run([row("u1", s) for s in (0, 10, 20, 30)], BucketState())
+    assert list(out.columns) == OUTPUT_COLUMNS
+    assert len(OUTPUT_COLUMNS) == len(OUTPUT_DDL.split(", "))
+    assert (out["kind"] == KIND_TX).sum() == 4
+    alerts = out[out["kind"] == KIND_ALERT]
+    assert alerts["rule"].tolist() == [schemas.VELOCITY]
+    assert alerts["alert_user_id"].tolist() == ["u1"]
+
+
+def test_rows_older_than_the_watermark_are_counted_late_and_kept_out_of_the_rules() -> None:
+    state = BucketState()
+    run([row("u1", s) for s in (100, 110, 120)], state)
+    # Three on-time rows in state; a fourth inside the span but behind the watermark.
+    out = run([row("u1", 95)], state, watermark=BASE + timedelta(seconds=99))
+    assert (out["kind"] == KIND_ALERT).sum() == 0
+    stats = out[out["kind"] == KIND_STATS]
+    assert stats["late_rows"].tolist() == [1]
+    assert (out["kind"] == KIND_TX).sum() == 1  # still passed on (bronze, high_value)
+    # The same row on time completes the burst.
+    out = run([row("u1", 101)], state, watermark=BASE + timedelta(seconds=99))
+    assert out[out["kind"] == KIND_ALERT]["rule"].tolist() == [schemas.VELOCITY]
+
+
+def test_a_resent_transaction_counts_once() -> None:
+    state = BucketState()
+    first = [row("u1", s) for s in (0, 10, 20)]
+    out = run([*first, first[2]], state)
+    assert (out["kind"] == KIND_ALERT).sum() == 0
+    assert out[out["kind"] == KIND_STATS]["duplicate_rows"].tolist() == [1]
+
+
+def test_state_round_trips_through_json_and_is_pruned_by_the_batch_watermark() -> None:
+    state = BucketState()
+    run([row("u1", 0), row("u2", 1000)], state)
+    # u1's transaction is older than u2's minus the delay minus the longest window: gone.
+    assert set(state.users) == {"u2"}
+    restored = BucketState.from_json(state.to_json())
+    assert restored.users["u2"].buffer == state.users["u2"].buffer
+    assert BucketState.from_json(None).empty
+
+
+def test_the_sink_step_fires_high_value_for_late_rows_and_writes_bronze(tmp_path: Path) -> None:
+    state = BucketState()
+    run([row("u1", 1000)], state)
+    late = row("u9", 0, amount=9000.0)
+    out = run([late], state, watermark=BASE + timedelta(seconds=900))
+    table = pa.Table.from_pandas(out[OUTPUT_COLUMNS], preserve_index=False)
+    alerts, dlq = ListSink(), ListSink()
+    outcome = BatchProcessor(CONFIG, DetectorOutputs(alerts=[alerts], dlq=[dlq],
+                                                     bronze_dir=tmp_path)).process_table(table, 7)
+    assert outcome.late_rows == 1
+    assert dict(outcome.alerts) == {schemas.HIGH_VALUE: 1}
+    assert [a["rule"] for a in alerts.records] == [schemas.HIGH_VALUE]
+    assert alerts.records[0]["user_id"] == "u9"
+    bronze = pq.read_table(tmp_path / "batch_id=7")
+    assert bronze.column("transaction_id").to_pylist() == [late["transaction_id"]]
+
