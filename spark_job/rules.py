@@ -247,8 +247,13 @@ class UserRuleState:
         return alerts
 
     def prune(self, watermark_us: int, config: RuleConfig) -> None:
-        keep_from = watermark_us - config.max_window_us
-        self.buffer = [tx for tx in self.buffer if tx.event_us >= keep_from]
+        """Keep a transaction while a span ending at or after the watermark can still hold it,
+        for some rule it counts toward (PayPal micro-payments are kept longest)."""
+        every_tx_from = watermark_us - max(config.velocity_window_us,
+                                           config.multi_location_window_us)
+        micro_from = watermark_us - config.paypal_micro_window_us
+        self.buffer = [tx for tx in self.buffer if tx.event_us >= every_tx_from or (
+            tx.event_us >= micro_from and relevant(schemas.PAYPAL_MICRO, tx, config))]
         for rule, episodes in list(self.episodes.items()):
             episodes[:] = [e for e in episodes if e[1] >= watermark_us]
             if not episodes:
