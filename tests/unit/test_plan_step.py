@@ -148,3 +148,20 @@ def _decoded(record: dict[str, Any]) -> dict[str, Any]:
                kafka_timestamp=moment, event_time=moment, error_reason=None,
                error_detail=None, raw_value=None)
     return out
+
+
+def test_pruning_keeps_micro_payments_for_the_whole_paypal_span() -> None:
+    """Four PayPal micro-payments spanning 240 s, one per batch, with the watermark following
+    each batch; a card payment just before the last moves the watermark past what the other
+    rules need: the first micro-payment must still be there to complete the rule."""
+    state = BucketState()
+    found = []
+    watermark = None
+    for seconds, method in ((0, "PayPal"), (80, "PayPal"), (160, "PayPal"), (239, "card"),
+                            (240, "PayPal")):
+        record = row("u1", seconds, amount=10.0)
+        record["payment_method"] = method
+        out = run([record], state, watermark)
+        found += out.loc[out["kind"] == KIND_ALERT, "rule"].tolist()
+        watermark = BASE + timedelta(seconds=seconds - 60)
+    assert found == [schemas.PAYPAL_MICRO]
