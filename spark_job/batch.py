@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 
-from fraudstream import schemas
+from fraudstream import datasets, schemas
 from spark_job.plan import KIND_ALERT, KIND_STATS, KIND_TX
 from spark_job.rules import MICROS, RuleConfig, Tx, alert_record, high_value_alert
 from spark_job.sinks import ParquetBatchSink, RecordSink, write_all
@@ -28,12 +28,10 @@ from spark_job.validation import TRANSACTION_ROW_SCHEMA
 
 log = logging.getLogger(__name__)
 
-BRONZE_COLUMNS = (
-    "transaction_id", "user_id", "amount", "currency", "event_time", "location",
-    "payment_method", "merchant_id", "device_ip", "is_fraud", "fraud_pattern",
-    "key", "topic", "partition", "offset", "kafka_timestamp",
-)
-BRONZE_ARROW_SCHEMA = pa.schema([TRANSACTION_ROW_SCHEMA.field(name) for name in BRONZE_COLUMNS])
+BRONZE_ARROW_SCHEMA = datasets.TRANSACTIONS_SCHEMA
+BRONZE_COLUMNS = tuple(BRONZE_ARROW_SCHEMA.names)
+assert all(BRONZE_ARROW_SCHEMA.field(name) == TRANSACTION_ROW_SCHEMA.field(name)
+           for name in BRONZE_COLUMNS), "bronze columns drifted from the decoder's"
 DLQ_COLUMNS = ("key", "topic", "partition", "offset", "kafka_timestamp", "error_reason",
                "error_detail", "raw_value")
 

@@ -29,25 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from confluent_kafka import KafkaError, Producer
 
-from fraudstream import schemas
+from fraudstream import datasets, schemas
 
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 
-ALERT_ARROW_SCHEMA = pa.schema([
-    ("alert_id", pa.string()), ("rule", pa.string()), ("user_id", pa.string()),
-    ("window_start", pa.timestamp("us", tz="UTC")), ("window_end", pa.timestamp("us", tz="UTC")),
-    ("transaction_count", pa.int64()), ("total_amount", pa.float64()),
-    ("locations", pa.list_(pa.string())), ("transaction_ids", pa.list_(pa.string())),
-    ("reason", pa.string()), ("detected_at", pa.timestamp("us", tz="UTC")),
-])
-DLQ_ARROW_SCHEMA = pa.schema([
-    ("key", pa.string()), ("topic", pa.string()), ("partition", pa.int32()),
-    ("offset", pa.int64()), ("kafka_timestamp", pa.timestamp("us", tz="UTC")),
-    ("error_reason", pa.string()), ("error_detail", pa.string()), ("raw_value", pa.string()),
-    ("rejected_at", pa.timestamp("us", tz="UTC")),
-])
+#: The Parquet datasets' schemas (shared with their readers).
+ALERT_ARROW_SCHEMA = datasets.ALERTS_SCHEMA
+DLQ_ARROW_SCHEMA = datasets.DLQ_SCHEMA
 
 
 class RecordSink(Protocol):

@@ -32,7 +32,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from dashboard.data.parquet import ALERTS_SCHEMA
+from fraudstream.datasets import ALERTS_SCHEMA
 from fraudstream.schemas import parse_timestamp
 
 log = logging.getLogger(__name__)

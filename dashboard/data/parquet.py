@@ -15,27 +15,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from fraudstream.schemas import ALERT_FIELDS
+from fraudstream.datasets import DLQ_SCHEMA, TRANSACTIONS_SCHEMA
 from spark_job.quality import dataset_files, read_parquet_file
 
-_TS = pa.timestamp("us", tz="UTC")
-
-ALERTS_SCHEMA = pa.schema([
-    ("alert_id", pa.string()), ("rule", pa.string()), ("user_id", pa.string()),
-    ("window_start", _TS), ("window_end", _TS), ("transaction_count", pa.int64()),
-    ("total_amount", pa.float64()), ("locations", pa.list_(pa.string())),
-    ("transaction_ids", pa.list_(pa.string())), ("reason", pa.string()), ("detected_at", _TS),
-])
-assert tuple(ALERTS_SCHEMA.names) == ALERT_FIELDS, "alert columns drifted from the contract"
-
-TRANSACTIONS_SCHEMA = pa.schema([
-    ("transaction_id", pa.string()), ("user_id", pa.string()), ("amount", pa.float64()),
-    ("currency", pa.string()), ("event_time", _TS), ("location", pa.string()),
-    ("payment_method", pa.string()), ("merchant_id", pa.string()), ("device_ip", pa.string()),
-    ("is_fraud", pa.bool_()), ("fraud_pattern", pa.string()), ("key", pa.string()),
-    ("topic", pa.string()), ("partition", pa.int32()), ("offset", pa.int64()),
-    ("kafka_timestamp", _TS),
-])
 #: The transaction columns the dashboard keeps in memory (evidence, amounts, quality).
 TRANSACTION_VIEW_SCHEMA = pa.schema([
     TRANSACTIONS_SCHEMA.field(name) for name in (
@@ -43,11 +25,9 @@ TRANSACTION_VIEW_SCHEMA = pa.schema([
         "payment_method", "merchant_id", "is_fraud", "fraud_pattern", "kafka_timestamp",
     )
 ])
-DLQ_SCHEMA = pa.schema([
-    ("key", pa.string()), ("topic", pa.string()), ("partition", pa.int32()),
-    ("offset", pa.int64()), ("kafka_timestamp", _TS), ("error_reason", pa.string()),
-    ("error_detail", pa.string()), ("raw_value", pa.string()),
-])
+#: The DLQ columns the dashboard reads.
+DLQ_VIEW_SCHEMA = pa.schema([DLQ_SCHEMA.field(name) for name in DLQ_SCHEMA.names
+                             if name != "rejected_at"])
 
 _Signature = tuple[int, int]
 #: Threads reading new files: a restart after a long run finds thousands of batch files, and

@@ -18,13 +18,9 @@ import streamlit as st
 
 from dashboard.data.kafka import AlertTail, TailStatus
 from dashboard.data.metrics import MetricsSnapshot, MetricsTail
-from dashboard.data.parquet import (
-    ALERTS_SCHEMA,
-    DLQ_SCHEMA,
-    TRANSACTION_VIEW_SCHEMA,
-    DatasetCache,
-)
+from dashboard.data.parquet import DLQ_VIEW_SCHEMA, TRANSACTION_VIEW_SCHEMA, DatasetCache
 from dashboard.data.views import count_by_rule, merge_alerts
+from fraudstream.datasets import ALERTS_SCHEMA
 from fraudstream.schemas import ALERTS_DATASET, DLQ_DATASET, TRANSACTIONS_DATASET, utc_now
 from fraudstream.settings import DashboardSettings
 from spark_job.quality import quality_report
@@ -88,7 +84,7 @@ def transactions(context: DashboardContext) -> tuple[pa.Table, int]:
 
 def dlq_rows(context: DashboardContext) -> int:
     root = str(context.settings.parquet_dir)
-    return _dataset(root, DLQ_DATASET, DLQ_SCHEMA).refresh()[0].num_rows
+    return _dataset(root, DLQ_DATASET, DLQ_VIEW_SCHEMA).refresh()[0].num_rows
 
 
 def metrics(context: DashboardContext) -> MetricsSnapshot:

@@ -23,14 +23,10 @@ from streamlit.testing.v1 import AppTest
 from dashboard.cli import main as cli_main
 from dashboard.cli import streamlit_command
 from dashboard.data.metrics import MetricsTail
-from dashboard.data.parquet import (
-    ALERTS_SCHEMA,
-    DLQ_SCHEMA,
-    TRANSACTIONS_SCHEMA,
-    DatasetCache,
-)
+from dashboard.data.parquet import DatasetCache
 from dashboard.data.views import alerts_over_time, amount_distribution, count_by_rule
 from fraudstream.broker import EmbeddedBroker, free_port
+from fraudstream.datasets import ALERTS_SCHEMA, DLQ_SCHEMA, TRANSACTIONS_SCHEMA
 from fraudstream.kafka import ensure_topics, wait_for_broker
 from fraudstream.schemas import (
     ALERTS_DATASET,
