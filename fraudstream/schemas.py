@@ -172,6 +172,19 @@ METRICS_FOLDER: Final = "_metrics"
 METRICS_FILE_NAME: Final = "detector.jsonl"
 
 
+#: Upper bounds (ms) of the latency histogram in the detector's metrics.
+LATENCY_BUCKETS_MS: Final = (250, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000)
+
+
+def latency_histogram(latencies_ms: Iterable[float]) -> dict[str, int]:
+    """Alerts per latency bucket (not cumulative, so batches add up by plain summing)."""
+    counts = dict.fromkeys([*map(str, LATENCY_BUCKETS_MS), "inf"], 0)
+    for value in latencies_ms:
+        bound = next((b for b in LATENCY_BUCKETS_MS if value <= b), None)
+        counts[str(bound) if bound is not None else "inf"] += 1
+    return counts
+
+
 class BatchMetrics(TypedDict):
     """One JSON line per micro-batch in the detector's metrics file."""
 
@@ -190,6 +203,9 @@ class BatchMetrics(TypedDict):
     latency_ms_p50: float | None
     latency_ms_p95: float | None
     latency_ms_max: float | None
+    #: histogram of this batch's event->alert latencies: upper bound in ms (``"inf"`` last) ->
+    #: alerts, bounds LATENCY_BUCKETS_MS
+    latency_ms_histogram: dict[str, int]
     #: duplicate transaction ids ignored by the windowed rules (resends within the watermark)
     duplicate_rows: int
     #: where the batch's time went, seconds: Spark's phases (``spark.*``: latestOffset,

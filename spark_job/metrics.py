@@ -68,6 +68,7 @@ def metrics_line(progress: Mapping[str, Any], outcome: BatchOutcome | None) -> s
         "latency_ms_p50": percentile(latencies, 0.50),
         "latency_ms_p95": percentile(latencies, 0.95),
         "latency_ms_max": round(max(latencies), 1) if latencies else None,
+        "latency_ms_histogram": schemas.latency_histogram(latencies),
         "duplicate_rows": outcome.duplicate_rows if outcome else 0,
         "stage_seconds": stage_seconds(progress, outcome),
     }

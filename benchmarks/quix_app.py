@@ -1,0 +1,210 @@
+"""The Quix Streams peer: the four rules with the same SPEC semantics, as a Quix application.
+
+Run by ``benchmarks.quix_peer`` under an interpreter that has quixstreams
+(``python -m benchmarks.quix_app --help``). To keep the semantics identical it reuses the
+detector's pure pieces — ``spark_job.validation.classify`` (bad input goes to the DLQ topic),
+``spark_job.rules.high_value_alert`` and the per-user rule engine ``UserRuleState`` (kept in Quix
+state under the message key, i.e. the user) — and only the streaming machinery differs:
+record-at-a-time processing, RocksDB state (with a changelog topic unless --no-changelog),
+consumer-group offsets, Kafka output through Quix's producer.
+
+Watermark: per partition, the newest event time seen minus ``--watermark-seconds`` (a user's
+events all live in one partition, so in-order data is never late). Events older than it skip the
+windowed rules (high_value still fires) and are counted, as in the detector.
+
+``--expect N`` stops the application after N input messages (a backfill, like the detector's
+``--available-now``); without it the application runs until SIGTERM. A JSON line with counters
+goes to ``--progress-file`` at the first message, then at most once per second, and at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fraudstream import schemas
+from spark_job.rules import (
+    MICROS,
+    RuleAlert,
+    RuleConfig,
+    Tx,
+    UserRuleState,
+    alert_record,
+    high_value_alert,
+)
+from spark_job.validation import ValidationLimits, classify, raw_text
+
+STATE_KEY = "rules"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_MICROSECOND = timedelta(microseconds=1)
+KIND = "_kind"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quix_app",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap-servers", required=True)
+    parser.add_argument("--transactions-topic", required=True)
+    parser.add_argument("--alerts-topic", required=True)
+    parser.add_argument("--dlq-topic", required=True)
+    parser.add_argument("--consumer-group", required=True)
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--expect", type=int, default=0,
+                        help="stop after this many input messages (0: run until SIGTERM)")
+    parser.add_argument("--processing-guarantee", default="at-least-once",
+                        choices=("at-least-once", "exactly-once"))
+    parser.add_argument("--changelog", action=argparse.BooleanOptionalAction, default=True,
+                        help="back the state with a changelog topic (Quix's default)")
+    parser.add_argument("--commit-interval", type=float, default=5.0,
+                        help="Quix checkpoint interval, s (Quix's default 5)")
+    parser.add_argument("--session-timeout-ms", type=int, default=6000,
+                        help="consumer session timeout (the local broker's group join waits "
+                             "for it: ~23 s with librdkafka's default 45000)")
+    parser.add_argument("--watermark-seconds", type=float, default=60.0)
+    parser.add_argument("--progress-file", default=None)
+    parser.add_argument("--idle-timeout", type=float, default=0.0,
+                        help="with --expect: give up after this many seconds without a message")
+    parser.add_argument("--loglevel", default="WARNING")
+    return parser.parse_args(argv)
+
+
+class RulesStep:
+    """The stateful function: one input message -> zero or more output records."""
+
+    def __init__(self, config: RuleConfig, watermark_seconds: float) -> None:
+        self.config = config
+        self.delay_us = round(watermark_seconds * MICROS)
+        self.limits = ValidationLimits()
+        self.newest_us: dict[int, int] = {}
+        self.counts = {"processed": 0, "valid": 0, "dlq": 0, "late": 0, "alerts": 0,
+                       "duplicates": 0}
+        self.alerts_by_rule = dict.fromkeys(schemas.RULES, 0)
+
+    def _alert(self, alert: RuleAlert, now: datetime) -> dict[str, Any]:
+        self.counts["alerts"] += 1
+        self.alerts_by_rule[alert.rule] += 1
+        return {**schemas.to_json_ready(alert_record(alert, now)), KIND: "alert"}
+
+    def __call__(self, value: bytes | None, key: Any, timestamp: int, headers: Any,
+                 state: Any) -> list[dict[str, Any]]:
+        from quixstreams import message_context
+
+        context = message_context()
+        now = datetime.now(UTC)
+        typed, reason, detail = classify(value, now, self.limits)
+        if typed is None:
+            self.counts["dlq"] += 1
+            return [{KIND: "dlq", "reason": reason, "error": detail,
+                     "source_topic": context.topic, "source_partition": context.partition,
+                     "source_offset": context.offset,
+                     "raw_value": raw_text(value, self.limits.raw_value_max_chars),
+                     "rejected_at": schemas.format_timestamp(now)}]
+        self.counts["valid"] += 1
+        event_us = (typed["event_time"] - EPOCH) // ONE_MICROSECOND
+        tx = Tx(event_us, typed["transaction_id"], float(typed["amount"]), typed["location"],
+                typed["payment_method"], int(timestamp) * 1000)
+        user = typed["user_id"]
+        out: list[dict[str, Any]] = []
+        found = high_value_alert(user, tx, self.config)
+        if found is not None:
+            out.append(self._alert(found, now))
+        partition = context.partition
+        newest = self.newest_us.get(partition)
+        watermark = newest - self.delay_us if newest is not None else None
+        if watermark is not None and event_us < watermark:
+            self.counts["late"] += 1
+            return out
+        rules = UserRuleState.from_json(state.get(STATE_KEY))
+        alerts, duplicates = rules.process(user, [tx], self.config)
+        self.counts["duplicates"] += duplicates
+        newest = max(newest or event_us, event_us)
+        self.newest_us[partition] = newest
+        rules.prune(newest - self.delay_us, self.config)
+        if rules.empty:
+            state.delete(STATE_KEY)
+        else:
+            state.set(STATE_KEY, rules.to_json())
+        out.extend(self._alert(alert, now) for alert in alerts)
+        return out
+
+
+def strip(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != KIND}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from quixstreams import Application
+
+    logging.basicConfig(level=args.loglevel)
+    step = RulesStep(RuleConfig(), args.watermark_seconds)
+    progress = Path(args.progress_file) if args.progress_file else None
+    started = time.time()
+    last_write = 0.0
+    last_message = time.monotonic()
+    app: Application | None = None
+
+    def write_progress(final: bool = False) -> None:
+        if progress is None:
+            return
+        line = {"t": time.time(), "since_start_s": round(time.time() - started, 3),
+                **step.counts, "alerts_by_rule": step.alerts_by_rule, "final": final}
+        with progress.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    def on_processed(_topic: str, _partition: int, _offset: int) -> None:
+        nonlocal last_write, last_message
+        step.counts["processed"] += 1
+        last_message = time.monotonic()
+        if step.counts["processed"] == 1 or last_message - last_write >= 1.0:
+            last_write = last_message
+            write_progress()
+        if args.expect and step.counts["processed"] >= args.expect and app is not None:
+            app.stop()
+
+    app = Application(
+        broker_address=args.bootstrap_servers,
+        consumer_group=args.consumer_group,
+        auto_offset_reset="earliest",
+        processing_guarantee=args.processing_guarantee,
+        use_changelog_topics=args.changelog,
+        state_dir=args.state_dir,
+        commit_interval=args.commit_interval,
+        consumer_extra_config={"session.timeout.ms": args.session_timeout_ms,
+                               "heartbeat.interval.ms": max(100, args.session_timeout_ms // 6)},
+        on_message_processed=on_processed,
+        loglevel=args.loglevel,
+    )
+    source = app.topic(args.transactions_topic, key_deserializer="str",
+                       value_deserializer="bytes")
+    alerts_topic = app.topic(args.alerts_topic, key_serializer="str", value_serializer="json")
+    dlq_topic = app.topic(args.dlq_topic, key_serializer="str", value_serializer="json")
+    sdf = app.dataframe(source)
+    sdf = sdf.apply(step, stateful=True, metadata=True, expand=True)
+    alerts = sdf.filter(lambda r: r[KIND] == "alert").apply(strip)
+    alerts.to_topic(alerts_topic, key=lambda r: r["user_id"])
+    dlq = sdf.filter(lambda r: r[KIND] == "dlq").apply(strip)
+    dlq.to_topic(dlq_topic)
+    try:
+        if args.expect and args.idle_timeout:
+            app.run(timeout=args.idle_timeout)
+        else:
+            app.run()
+    finally:
+        write_progress(final=True)
+    if args.expect and step.counts["processed"] < args.expect:
+        print(f"stopped after {step.counts['processed']} of {args.expect} messages",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
