@@ -214,6 +214,14 @@ class Detector:
             time.sleep(0.05)
 
     def close(self) -> None:
+        if self.listener is not None and self.spark is not None:
+            # Unregistered before Python exits, or Spark's listener bus logs a stack trace
+            # for a callback into a gone interpreter.
+            self.listener.terminated.wait(timeout=3)
+            try:
+                self.spark.streams.removeListener(self.listener)
+            except Exception as exc:
+                log.debug("listener not removed: %s", exc)
         if self.outputs:
             for sink in (*self.outputs.alerts, *self.outputs.dlq):
                 sink.close()

@@ -112,6 +112,8 @@ class MetricsListener(StreamingQueryListener):
         self.batches = 0
         self.totals: dict[str, int] = {"input_rows": 0, "dlq_rows": 0, "late_rows": 0}
         self.alert_totals: dict[str, int] = dict.fromkeys(schemas.RULES, 0)
+        #: Set once Spark delivered the query's end (its last callback into Python).
+        self.terminated = threading.Event()
 
     def onQueryStarted(self, event: Any) -> None:
         log.info("query %s started (run %s)", event.name, event.runId)
@@ -138,6 +140,7 @@ class MetricsListener(StreamingQueryListener):
         pass
 
     def onQueryTerminated(self, event: Any) -> None:
+        self.terminated.set()
         if event.exception:
             log.error("query terminated with an error: %s", event.exception.splitlines()[0])
 
