@@ -126,7 +126,7 @@ def describe(rule: str, evidence: Sequence[Tx], config: RuleConfig) -> str:
     if rule == schemas.MULTI_LOCATION:
         places = sorted({tx.location for tx in evidence})
         return (f"{len(places)} locations within {_fmt_seconds(config.multi_location_window_us)} s"
-                f" (limit {config.multi_location_count - 1}): {', '.join(places)}")
+                f" (fires at {config.multi_location_count}): {', '.join(places)}")
     if rule == schemas.VELOCITY:
         return (f"{len(evidence)} transactions within {_fmt_seconds(config.velocity_window_us)} s"
                 f" (limit {config.velocity_count})")
