@@ -596,7 +596,8 @@ def metrics_path(parquet_dir: Path) -> Path:
     return parquet_dir / schemas.METRICS_FOLDER / schemas.METRICS_FILE_NAME
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """Every parseable line of a JSON-lines file that may still be being written."""
     if not path.exists():
         return []
     out = []

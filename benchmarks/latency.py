@@ -44,7 +44,7 @@ from benchmarks.common import (
     log_tail,
     metrics_path,
     oracle_by_id,
-    read_metrics,
+    read_json_lines,
     running_broker,
     say,
     start_process,
@@ -99,7 +99,7 @@ class SparkLive:
         self.process = start_process(self.cmd, self.run_dir / "detector.log")
 
     def _lines(self) -> list[dict[str, Any]]:
-        return read_metrics(self.metrics_file)
+        return read_json_lines(self.metrics_file)
 
     def first_output_time(self) -> float | None:
         lines = self._lines()

@@ -40,7 +40,7 @@ from benchmarks.common import (
     log_tail,
     metrics_path,
     preload,
-    read_metrics,
+    read_json_lines,
     running_broker,
     say,
     start_process,
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         launched = time.monotonic()
 
         def rows_done() -> int:
-            return sum(int(line.get("input_rows") or 0) for line in read_metrics(metrics_file))
+            return sum(int(line.get("input_rows") or 0) for line in read_json_lines(metrics_file))
 
         hold_from: float | None = None
         try:
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exit_code != 0 or not caught_up:
             result["log_tail"] = log_tail(run_dir / "detector.log")
             say(f"detector exit {exit_code}:\n{result['log_tail']}")
-        lines = read_metrics(metrics_file)
+        lines = read_json_lines(metrics_file)
 
     samples = sampler.samples
     peak = max(samples, key=lambda s: s.rss_mb) if samples else None

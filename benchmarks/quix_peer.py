@@ -51,6 +51,7 @@ from benchmarks.common import (
     log_tail,
     loud_mismatch,
     quix_versions,
+    read_json_lines,
     read_latest,
     read_topic,
     resolve_quix_python,
@@ -80,16 +81,6 @@ def quix_command(args: argparse.Namespace, bootstrap: str, topics: Topics, run_d
     return cmd
 
 
-def read_progress(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
-
-
 class QuixLive:
     """The Quix app running until SIGTERM (latency)."""
 
@@ -105,11 +96,11 @@ class QuixLive:
         self.process = start_process(self.cmd, self.run_dir / "quix.log")
 
     def first_output_time(self) -> float | None:
-        lines = read_progress(self.run_dir / "progress.jsonl")
+        lines = read_json_lines(self.run_dir / "progress.jsonl")
         return float(lines[0]["t"]) if lines else None
 
     def own_metrics(self, since: float, until: float) -> dict[str, Any]:
-        lines = read_progress(self.run_dir / "progress.jsonl")
+        lines = read_json_lines(self.run_dir / "progress.jsonl")
         return {"source": str(self.run_dir / "progress.jsonl"),
                 "last": lines[-1] if lines else None}
 
@@ -135,7 +126,7 @@ def run_quix_backfill(bootstrap: str, dataset: Dataset, work: Path, args: argpar
         with contextlib.suppress(ValueError):
             alerts.append(json.loads(value))
     comparison = compare_alerts(alerts, dataset.expected)
-    progress = read_progress(run_dir / "progress.jsonl")
+    progress = read_json_lines(run_dir / "progress.jsonl")
     final = progress[-1] if progress else {}
     result = {
         "engine": "quix", "size": count, "wall_seconds": round(seconds, 3), "exit_code": code,

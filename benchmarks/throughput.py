@@ -39,7 +39,7 @@ from benchmarks.common import (
     oracle_by_id,
     parquet_alerts,
     preload,
-    read_metrics,
+    read_json_lines,
     run_timed,
     running_broker,
     say,
@@ -131,7 +131,7 @@ def run_spark_backfill(bootstrap: str, dataset: Dataset, work: Path, args: argpa
                            extra_args=args.detector_arg)
     say(f"backfill of {dataset.spec.count:,} transactions: {' '.join(cmd[1:3])} ...")
     seconds, code = run_timed(cmd, run_dir / "detector.log", args.timeout)
-    lines = read_metrics(metrics_path(run_dir / "parquet"))
+    lines = read_json_lines(metrics_path(run_dir / "parquet"))
     comparison = compare_alerts(parquet_alerts(run_dir / "parquet"), dataset.expected)
     metrics = summarize_batches(lines)
     result = {
