@@ -22,6 +22,7 @@ from fraudstream import schemas
 from fraudstream.kafka import BrokerUnavailable, wait_for_broker
 from fraudstream.settings import DetectorSettings, SettingsError
 from spark_job.batch import BatchProcessor, DetectorOutputs
+from spark_job.detection_input import DETECTION_INPUT_DECODER
 from spark_job.metrics import MetricsListener
 from spark_job.plan import build_detection_plan
 from spark_job.rules import RuleConfig
@@ -34,14 +35,13 @@ from spark_job.sinks import (
     ParquetBatchSink,
     RecordSink,
 )
-from spark_job.validation import TRANSACTION_DECODER
 
 log = logging.getLogger(__name__)
 
 QUERY_NAME = "fraud-detector"
 CHECKPOINT_CONTRACT_FILE = "fraudstream-checkpoint.json"
 #: Bump when the state layout of the windowed rules changes incompatibly.
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 def source_options(settings: DetectorSettings) -> dict[str, str]:
@@ -50,7 +50,7 @@ def source_options(settings: DetectorSettings) -> dict[str, str]:
     options.update({
         "topic": settings.transactions_topic,
         "startingOffsets": settings.starting_offsets,
-        "decoder": TRANSACTION_DECODER,
+        "decoder": DETECTION_INPUT_DECODER,
         "decoder.max_value_bytes": str(settings.max_value_bytes),
         "decoder.future_tolerance_seconds": str(settings.future_tolerance_seconds),
     })
@@ -60,7 +60,8 @@ def source_options(settings: DetectorSettings) -> dict[str, str]:
 
 
 def open_transactions_stream(spark: SparkSession, settings: DetectorSettings) -> DataFrame:
-    """The decoded transactions stream (one read of Kafka per micro-batch)."""
+    """The detection input stream (``spark_job.detection_input``; one read of Kafka per
+    micro-batch)."""
     if settings.source != "python":
         raise SettingsError(settings.field_key("source"),
                             "only the built-in Python source is wired in this build")
@@ -151,7 +152,7 @@ class Detector:
             )
         stream = open_transactions_stream(self.spark, settings)
         plan = build_detection_plan(stream, self.config, settings.watermark_seconds,
-                                    settings.state_buckets)
+                                    settings.state_buckets, settings.shuffle_partitions)
         if self.outputs is None:
             self.outputs = build_outputs(settings)
         processor = BatchProcessor(self.config, self.outputs)

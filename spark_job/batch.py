@@ -21,8 +21,9 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 
 from fraudstream import datasets, schemas
-from spark_job.plan import KIND_ALERT, KIND_STATS, KIND_TX
-from spark_job.rules import MICROS, RuleConfig, Tx, alert_record, high_value_alert
+from spark_job.detection_input import ARCHIVE, unpack
+from spark_job.plan import KIND_ALERT, KIND_ARCHIVE, KIND_STATS
+from spark_job.rules import RuleConfig
 from spark_job.sinks import ParquetBatchSink, RecordSink, write_all
 from spark_job.validation import TRANSACTION_ROW_SCHEMA
 
@@ -66,12 +67,6 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _to_us(value: datetime) -> int:
-    moment = _utc(value)
-    assert moment is not None
-    return round(moment.timestamp() * MICROS)
-
-
 def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
@@ -83,10 +78,11 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 class BatchProcessor:
     """Callable given to ``foreachBatch``.
 
-    The batch's rows come to the driver once, as Arrow (one Spark job per batch): the small
-    outputs (alerts, rejected records, high-value rows) are picked out there and the valid rows
-    are written as bronze Parquet by the driver. A second Spark job per batch (a distributed
-    Parquet write from a persisted frame) cost more than the whole transfer at these volumes.
+    The batch's rows come to the driver once, as Arrow (one Spark job per batch): alerts,
+    counters and the archived chunks of decoded records (``spark_job.detection_input``), which
+    are unpacked here into the rejected records and the valid rows, written as bronze Parquet
+    by the driver. A second Spark job per batch (a distributed Parquet write from a persisted
+    frame) cost more than the whole transfer at these volumes.
     """
 
     def __init__(self, config: RuleConfig, outputs: DetectorOutputs) -> None:
@@ -110,12 +106,11 @@ class BatchProcessor:
         stages: dict[str, float] = {}
         mark = time.monotonic()
         kind = table.column("kind")
-        transactions = table.filter(pc.equal(kind, KIND_TX))
+        archives = table.filter(pc.equal(kind, KIND_ARCHIVE)).column(ARCHIVE)
+        transactions = unpack(cell.as_buffer() for cell in archives if cell.is_valid)
         is_valid = pc.is_null(transactions.column("error_reason"))
         valid = transactions.filter(is_valid)
         rejected = transactions.filter(pc.invert(is_valid)).select(list(DLQ_COLUMNS)).to_pylist()
-        high_value = valid.filter(pc.greater(valid.column("amount"),
-                                             self.config.high_value_amount)).to_pylist()
         alert_rows = table.filter(pc.equal(kind, KIND_ALERT)).to_pylist()
         stats = table.filter(pc.equal(kind, KIND_STATS))
         late_rows = int(pc.sum(stats.column("late_rows")).as_py() or 0)
@@ -129,17 +124,6 @@ class BatchProcessor:
                 alert[name] = _utc(alert[name])
             alert["_trigger_kafka_timestamp"] = _utc(record["trigger_kafka_timestamp"])
             alerts.append(alert)
-        for record in high_value:
-            tx = Tx(_to_us(record["event_time"]), record["transaction_id"],
-                    float(record["amount"]), record["location"], record["payment_method"],
-                    _to_us(record["kafka_timestamp"]))
-            found = high_value_alert(record["user_id"], tx, self.config)
-            if found:
-                alert = alert_record(found, datetime.now(UTC))
-                alert["_trigger_kafka_timestamp"] = _utc(record["kafka_timestamp"])
-                alerts.append(alert)
-        # A resent transaction can repeat a high_value alert inside one batch.
-        alerts = list({a["alert_id"]: a for a in alerts}.values())
         alerts.sort(key=lambda a: (a["detected_at"], a["rule"], a["user_id"]))
         rejected_at = datetime.now(UTC)
         dlq_records = []

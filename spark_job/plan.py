@@ -1,43 +1,46 @@
-"""Build the detection plan: decoded transactions in, one DataFrame of tagged rows out.
+"""Build the detection plan: the detection input in, one DataFrame of tagged rows out.
 
 The plan is built apart from running it: ``build_detection_plan`` takes any DataFrame with the
-decoded-transaction columns (a stream from the Kafka source, or a static frame in tests) and
-returns a single DataFrame that carries, per micro-batch, every input row (``kind = 'tx'``,
-valid or rejected), every alert of the windowed rules (``kind = 'alert'``) and one counter row
-per state bucket (``kind = 'stats'``: late and duplicate rows). One read of Kafka per batch then
-feeds every sink (bronze, DLQ, alerts) through one ``foreachBatch``.
+columns of ``spark_job.detection_input`` (a stream from the Kafka source, or a static frame in
+tests) and returns a single DataFrame that carries, per micro-batch, every alert
+(``kind = 'alert'``), one counter row per state bucket (``kind = 'stats'``: late and duplicate
+rows) and the archived chunks of decoded records (``kind = 'archive'``, for bronze and the DLQ).
+One read of Kafka per batch then feeds every sink through one ``foreachBatch``.
 
-Every row passes once through ``applyInPandasWithState``, grouped by a hash bucket of user_id
+Rule rows pass once through ``applyInPandasWithState``, grouped by a hash bucket of user_id
 (``BucketState``): keying Spark's state by user would cost a pandas frame and a state round trip
 per user and batch, which dominated the run time. Spark keeps each bucket's state as JSON in its
-state store, checkpointed with the query. The operator runs without an event-time timeout so
-Spark does not drop late rows before the handler sees them: the handler itself keeps rows older
-than the watermark out of the windowed rules, counts them, and still passes them on, so bronze
-keeps them and ``high_value`` (applied in the sink step) fires for them too.
+state store, checkpointed with the query. Archive rows form a group of their own
+(``ARCHIVE_BUCKET``) that never touches state. The operator runs without an event-time timeout
+so Spark does not drop late rows before the handler sees them: the handler itself keeps rows
+older than the watermark out of the windowed rules and counts them; ``high_value`` fires for
+them too, and bronze keeps them (they are in the archive).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
+from spark_job.detection_input import ARCHIVE
 from spark_job.rules import MICROS, BucketState, RuleAlert, RuleConfig, Tx, alert_record
-from spark_job.validation import ERROR_REASON, EVENT_TIME, TRANSACTION_DDL, TRANSACTION_SPARK_SCHEMA
+from spark_job.validation import EVENT_TIME
 
-KIND_TX = "tx"
 KIND_ALERT = "alert"
 KIND_STATS = "stats"
+KIND_ARCHIVE = "archive"
 
-#: Alert columns as the stateful operator emits them (SPEC fields, ``user_id`` renamed so it does
-#: not clash with the transaction column, and when the trigger reached Kafka, for latency).
+#: Alert columns as the stateful operator emits them (SPEC fields, ``user_id`` renamed to say
+#: whose alert it is, and when the trigger reached Kafka, for latency).
 ALERT_COLUMNS_DDL = (
     "alert_id string, rule string, alert_user_id string, window_start timestamp, "
     "window_end timestamp, transaction_count long, total_amount double, "
@@ -45,31 +48,36 @@ ALERT_COLUMNS_DDL = (
     "detected_at timestamp, trigger_kafka_timestamp timestamp"
 )
 STATS_COLUMNS_DDL = "late_rows long, duplicate_rows long"
-OUTPUT_DDL = f"{TRANSACTION_DDL}, kind string, {ALERT_COLUMNS_DDL}, {STATS_COLUMNS_DDL}"
+OUTPUT_DDL = f"kind string, {ALERT_COLUMNS_DDL}, {STATS_COLUMNS_DDL}, {ARCHIVE} binary"
 STATE_DDL = "rules_state string"
 BUCKET = "state_bucket"
+#: The group of the archive rows: never a hash bucket (those are >= 0), never given state.
+ARCHIVE_BUCKET = -1
 
-TX_COLUMNS = TRANSACTION_SPARK_SCHEMA.fieldNames()
 ALERT_COLUMNS = [column.split()[0] for column in ALERT_COLUMNS_DDL.split(", ")]
 STATS_COLUMNS = [column.split()[0] for column in STATS_COLUMNS_DDL.split(", ")]
-OUTPUT_COLUMNS = [*TX_COLUMNS, "kind", *ALERT_COLUMNS, *STATS_COLUMNS]
-_NOT_TX_COLUMNS = [*ALERT_COLUMNS, *STATS_COLUMNS]
+OUTPUT_COLUMNS = ["kind", *ALERT_COLUMNS, *STATS_COLUMNS, ARCHIVE]
 
-# PySpark's worker concatenates our frames, whose alert or transaction columns are all null by
-# design; pandas warns about that on every batch. Imported wherever the handler runs.
+# PySpark's worker concatenates our frames, whose alert or archive columns are all null by design;
+# pandas warns about that. Imported wherever the handler runs.
 warnings.filterwarnings(
     "ignore", message="The behavior of DataFrame concatenation with empty or all-NA entries",
     category=FutureWarning)
 
 
-def _micros(series: pd.Series) -> pd.Series:
-    """Epoch microseconds, whatever unit the frame's timestamps carry (Spark hands pandas
-    nanoseconds, Arrow microseconds)."""
-    return pd.to_datetime(series, utc=True).dt.as_unit("us").astype("int64")
+def _micros(series: pd.Series) -> np.ndarray:
+    """Epoch microseconds of a timestamp column. Spark hands the handler naive UTC values (the
+    session time zone is UTC), Arrow's ``to_pandas`` zone-aware ones; both in any unit."""
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        series = series.dt.tz_convert(UTC).dt.tz_localize(None)
+    values = series.to_numpy()
+    if values.dtype.kind != "M":
+        values = pd.to_datetime(series, utc=True).dt.tz_localize(None).to_numpy()
+    return values.astype("datetime64[us]").astype(np.int64)
 
 
 class BucketStep:
-    """One state bucket's work for one batch: split rows, run the rules, emit tagged frames.
+    """One state bucket's work for one batch: read the rule rows, run the rules, emit alerts.
 
     Shared by the streaming handler (state from Spark) and the static one (empty state), so a
     batch run over a static frame exercises exactly the streaming code.
@@ -82,29 +90,29 @@ class BucketStep:
     def run(self, frames: Iterator[pd.DataFrame], state: BucketState, watermark_us: int
             ) -> Iterator[pd.DataFrame]:
         arrivals: dict[str, list[Tx]] = defaultdict(list)
+        late: dict[str, list[Tx]] = defaultdict(list)
         late_rows = 0
         newest_us: int | None = None
+        high_value = self.config.high_value_amount
         for frame in frames:
             if frame.empty:
                 continue
-            valid = frame[frame[ERROR_REASON].isna()]
-            if not valid.empty:
-                event_us = _micros(valid[EVENT_TIME])
-                on_time = event_us >= watermark_us
-                late_rows += int((~on_time).sum())
-                rows = valid[on_time.to_numpy()]
-                event_us = event_us[on_time]
-                if not rows.empty:
-                    newest_us = max(newest_us or 0, int(event_us.max()))
-                    for user_id, tx in zip(rows["user_id"].tolist(), map(Tx, *(
-                        event_us.tolist(), rows["transaction_id"].tolist(),
-                        rows["amount"].astype(float).tolist(), rows["location"].tolist(),
-                        rows["payment_method"].tolist(),
-                        _micros(rows["kafka_timestamp"]).tolist(),
-                    )), strict=True):
-                        arrivals[user_id].append(tx)
-            yield _tagged_tx(frame)
-        alerts, duplicates = state.process(arrivals, self.config)
+            event_us = _micros(frame[EVENT_TIME])
+            on_time = event_us >= watermark_us
+            if on_time.any():
+                newest_us = max(newest_us or 0, int(event_us[on_time].max()))
+            txs = map(Tx, event_us.tolist(), frame["transaction_id"].tolist(),
+                      frame["amount"].astype(float).tolist(), frame["location"].tolist(),
+                      frame["payment_method"].tolist(), _micros(frame["kafka_timestamp"]).tolist())
+            for user_id, tx, in_time in zip(frame["user_id"].tolist(), txs, on_time.tolist(),
+                                            strict=True):
+                if in_time:
+                    arrivals[user_id].append(tx)
+                else:
+                    late_rows += 1
+                    if tx.amount > high_value:
+                        late[user_id].append(tx)
+        alerts, duplicates = state.process(arrivals, self.config, late=late)
         # The next batch's watermark is at least this bucket's newest event minus the delay.
         floor = watermark_us if newest_us is None else max(
             watermark_us, newest_us - self.watermark_delay_us)
@@ -115,11 +123,16 @@ class BucketStep:
             yield _stats_frame(late_rows, duplicates)
 
 
-def _tagged_tx(frame: pd.DataFrame) -> pd.DataFrame:
-    out = frame.assign(kind=KIND_TX)
-    for column in _NOT_TX_COLUMNS:
-        out[column] = None
-    return out[OUTPUT_COLUMNS]
+def archive_frame(cells: Sequence[bytes]) -> pd.DataFrame:
+    """Output rows carrying archive cells (``kind = 'archive'``)."""
+    return _with_columns(pd.DataFrame({ARCHIVE: list(cells)}), KIND_ARCHIVE)
+
+
+def _archives(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """The archive group: its cells pass through as they are."""
+    for frame in frames:
+        if not frame.empty:
+            yield archive_frame(frame[ARCHIVE].tolist())
 
 
 def _alerts_frame(alerts: list[RuleAlert]) -> pd.DataFrame:
@@ -154,6 +167,9 @@ def make_state_function(config: RuleConfig, watermark_delay_us: int):  # type: i
 
     def handle(key: tuple[Any, ...], frames: Iterator[pd.DataFrame], state: GroupState
                ) -> Iterator[pd.DataFrame]:
+        if key[0] == ARCHIVE_BUCKET:
+            yield from _archives(frames)
+            return
         bucket = BucketState.from_json(state.get[0] if state.exists else None)
         watermark_us = max(0, state.getCurrentWatermarkMs()) * 1000
         yield from step.run(frames, bucket, watermark_us)
@@ -167,11 +183,14 @@ def make_state_function(config: RuleConfig, watermark_delay_us: int):  # type: i
 
 
 def make_batch_function(config: RuleConfig, watermark_delay_us: int):  # type: ignore[no-untyped-def]
-    """The same step for a static DataFrame (applyInPandas): one bucket's rows, no prior state."""
+    """The same step for a static DataFrame (applyInPandas): one group's rows, no prior state."""
     step = BucketStep(config, watermark_delay_us)
 
     def handle(key: tuple[Any, ...], frame: pd.DataFrame) -> pd.DataFrame:
-        parts = list(step.run(iter([frame]), BucketState(), 0))
+        if key[0] == ARCHIVE_BUCKET:
+            parts = list(_archives(iter([frame])))
+        else:
+            parts = list(step.run(iter([frame]), BucketState(), 0))
         if not parts:
             return pd.DataFrame(columns=OUTPUT_COLUMNS)
         return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
@@ -179,18 +198,71 @@ def make_batch_function(config: RuleConfig, watermark_delay_us: int):  # type: i
     return handle
 
 
-def build_detection_plan(transactions: DataFrame, config: RuleConfig,
-                         watermark_seconds: float, state_buckets: int = 32) -> DataFrame:
-    """Tagged rows (``kind``) for one foreachBatch: every decoded input row, the windowed rules'
-    alerts and per-bucket counters. ``transactions`` must have the decoder's columns
-    (``error_reason`` null for valid rows, ``event_time`` null for rejected ones so bad input
-    never moves the watermark)."""
+# --- spreading the buckets over Spark's shuffle partitions -------------------------------------
+# Spark places a group on shuffle partition pmod(murmur3(key, seed 42), partitions). A handful of
+# small integer keys lands unevenly (buckets 0..31 split 20/12 over two partitions), and one task
+# then does most of each batch. So bucket b is keyed by a value chosen to land on partition
+# b mod partitions: every partition gets the same number of buckets.
+
+
+def _rotl32(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF
+
+
+def _mix_k1(k1: int) -> int:
+    return (_rotl32((k1 * 0xCC9E2D51) & 0xFFFFFFFF, 15) * 0x1B873593) & 0xFFFFFFFF
+
+
+def _mix_h1(h1: int, k1: int) -> int:
+    return (_rotl32(h1 ^ k1, 13) * 5 + 0xE6546B64) & 0xFFFFFFFF
+
+
+def spark_hash_long(value: int, seed: int = 42) -> int:
+    """Spark's ``hash()`` (Murmur3_x86_32.hashLong) of a long: what its hash partitioning uses."""
+    value &= 0xFFFFFFFFFFFFFFFF
+    h1 = _mix_h1(_mix_h1(seed, _mix_k1(value & 0xFFFFFFFF)), _mix_k1(value >> 32))
+    h1 ^= 8
+    h1 ^= h1 >> 16
+    h1 = (h1 * 0x85EBCA6B) & 0xFFFFFFFF
+    h1 ^= h1 >> 13
+    h1 = (h1 * 0xC2B2AE35) & 0xFFFFFFFF
+    h1 ^= h1 >> 16
+    return h1 - (1 << 32) if h1 >= 1 << 31 else h1
+
+
+def balanced_bucket_keys(state_buckets: int, shuffle_partitions: int) -> list[int]:
+    """Group-key values for buckets 0..state_buckets-1: bucket b lands on shuffle partition
+    b mod shuffle_partitions. Non-negative, so never ARCHIVE_BUCKET."""
+    free: dict[int, list[int]] = defaultdict(list)
+    keys: list[int] = []
+    candidate = 0
+    for bucket in range(state_buckets):
+        wanted = bucket % shuffle_partitions
+        while not free[wanted]:
+            free[spark_hash_long(candidate) % shuffle_partitions].append(candidate)
+            candidate += 1
+        keys.append(free[wanted].pop(0))
+    return keys
+
+
+def build_detection_plan(detection_input: DataFrame, config: RuleConfig,
+                         watermark_seconds: float, state_buckets: int = 32,
+                         shuffle_partitions: int = 2) -> DataFrame:
+    """Tagged rows (``kind``) for one foreachBatch: the alerts, per-bucket counters and the
+    archived chunks. ``detection_input`` has the columns of ``DETECTION_INPUT_SCHEMA`` (archive
+    rows with a null ``event_time``, so they never move the watermark). ``shuffle_partitions``
+    must be the query's (``spark.sql.shuffle.partitions``, fixed by its checkpoint): the bucket
+    keys are chosen to spread evenly over them."""
     delay_ms = int(watermark_seconds * 1000)
-    watermarked = transactions.withWatermark(EVENT_TIME, f"{delay_ms} milliseconds")
-    bucketed = watermarked.withColumn(
-        BUCKET, F.pmod(F.xxhash64(F.col("user_id")), F.lit(state_buckets)))
+    watermarked = detection_input.withWatermark(EVENT_TIME, f"{delay_ms} milliseconds")
+    keys = F.array(*[F.lit(key).cast("long")
+                     for key in balanced_bucket_keys(state_buckets, shuffle_partitions)])
+    bucket_index = F.pmod(F.xxhash64(F.col("user_id")), F.lit(state_buckets)).cast("int")
+    bucketed = watermarked.withColumn(BUCKET, F.when(
+        F.col(ARCHIVE).isNotNull(), F.lit(ARCHIVE_BUCKET).cast("long")).otherwise(
+        F.element_at(keys, bucket_index + 1)))
     grouped = bucketed.groupBy(BUCKET)
-    if transactions.isStreaming:
+    if detection_input.isStreaming:
         return grouped.applyInPandasWithState(
             make_state_function(config, delay_ms * 1000),
             outputStructType=OUTPUT_DDL,

@@ -13,7 +13,8 @@ its episode; a new burst after C lapsed opens a new episode and gets a new alert
 
 ``UserRuleState`` is the per-user state handler used by the streaming job (through
 ``applyInPandasWithState``); it processes arrivals incrementally and bounds its memory with the
-watermark. ``high_value_alert`` is stateless and fires for late events too.
+watermark. ``high_value_alert`` needs no window and fires for late events too; ``BucketState``
+fires it once per transaction id its users' state still holds.
 """
 
 from __future__ import annotations
@@ -291,18 +292,29 @@ class BucketState:
 
     users: dict[str, UserRuleState] = field(default_factory=dict)
 
-    def process(self, arrivals: dict[str, list[Tx]], config: RuleConfig
-                ) -> tuple[list[RuleAlert], int]:
-        """Feed each user's arrivals to their state; return (alerts, duplicates ignored)."""
+    def process(self, arrivals: dict[str, list[Tx]], config: RuleConfig,
+                late: dict[str, list[Tx]] | None = None) -> tuple[list[RuleAlert], int]:
+        """Feed each user's on-time arrivals to their state; return (alerts, duplicates ignored).
+
+        ``high_value`` fires for arrivals and for ``late`` transactions (behind the watermark,
+        kept out of the windowed rules) alike, once per transaction id the user's state still
+        holds: a resend in a later batch is the same evidence and must not alert twice.
+        """
         alerts: list[RuleAlert] = []
         duplicates = 0
         for user_id, txs in arrivals.items():
             user = self.users.get(user_id)
             if user is None:
                 user = self.users[user_id] = UserRuleState()
+            known = _high_value_ids(user, txs, config)
             found, dup = user.process(user_id, txs, config)
+            alerts.extend(_high_value_alerts(user_id, txs, known, config))
             alerts.extend(found)
             duplicates += dup
+        for user_id, txs in (late or {}).items():
+            user = self.users.get(user_id)
+            known = _high_value_ids(user, txs, config) if user else set()
+            alerts.extend(_high_value_alerts(user_id, txs, known, config))
         return alerts, duplicates
 
     def prune(self, watermark_us: int, config: RuleConfig) -> None:
@@ -331,6 +343,25 @@ class BucketState:
             user_id: UserRuleState(buffer=[Tx(*row) for row in buffer], episodes=episodes)
             for user_id, (buffer, episodes) in json.loads(text).items()
         })
+
+
+def _high_value_ids(user: UserRuleState, txs: Sequence[Tx], config: RuleConfig) -> set[str]:
+    """The ids ``user`` already holds, if any of ``txs`` is above the high-value amount."""
+    if any(tx.amount > config.high_value_amount for tx in txs):
+        return {tx.transaction_id for tx in user.buffer}
+    return set()
+
+
+def _high_value_alerts(user_id: str, txs: Sequence[Tx], known: set[str], config: RuleConfig
+                       ) -> list[RuleAlert]:
+    alerts = []
+    for tx in txs:
+        if tx.transaction_id not in known:
+            alert = high_value_alert(user_id, tx, config)
+            if alert is not None:
+                known.add(tx.transaction_id)
+                alerts.append(alert)
+    return alerts
 
 
 # --- alert records ------------------------------------------------------------------------------

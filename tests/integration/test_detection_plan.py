@@ -5,15 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
 from fraudstream import schemas
 from spark_job.batch import BatchProcessor, DetectorOutputs
+from spark_job.detection_input import pack
 from spark_job.oracle import expected_alerts
-from spark_job.plan import build_detection_plan
+from spark_job.plan import balanced_bucket_keys, build_detection_plan
 from spark_job.rules import RuleConfig
 from spark_job.sinks import ListSink
-from spark_job.validation import TRANSACTION_SPARK_SCHEMA
+from spark_job.validation import TRANSACTION_ROW_SCHEMA, TRANSACTION_SPARK_SCHEMA
 
 BASE = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
 CONFIG = RuleConfig()
@@ -65,7 +67,11 @@ CASES += [tx("late", s) for s in (10, 20, 30)] + [tx("late", 0)]
 def alerts_from_plan(spark) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # type: ignore[no-untyped-def]
     rows = [decoded_row(r, i) for i, r in enumerate(CASES)]
     rows += [rejected_row(10_000, schemas.INVALID_JSON), rejected_row(10_001, schemas.EMPTY_VALUE)]
-    frame = spark.createDataFrame(rows, TRANSACTION_SPARK_SCHEMA)
+    # Two chunks, as the source would yield them: rule rows and one archive row each.
+    half = len(rows) // 2
+    chunks = [pack(pa.Table.from_pylist(part, schema=TRANSACTION_ROW_SCHEMA))
+              for part in (rows[:half], rows[half:])]
+    frame = spark.createDataFrame(pa.Table.from_batches(chunks))
     alerts, dlq = ListSink(), ListSink()
     BatchProcessor(CONFIG, DetectorOutputs(alerts=[alerts], dlq=[dlq]))(
         build_detection_plan(frame, CONFIG, watermark_seconds=60), 0)
@@ -107,3 +113,16 @@ def test_rejected_rows_go_to_the_dead_letter_sinks(alerts_from_plan) -> None:  #
     _, dlq = alerts_from_plan
     assert sorted(r["reason"] for r in dlq) == [schemas.EMPTY_VALUE, schemas.INVALID_JSON]
     assert {r["source_offset"] for r in dlq} == {10_000, 10_001}
+
+
+@pytest.mark.parametrize(("buckets", "partitions"), [(32, 2), (12, 4), (5, 3)])
+def test_state_buckets_spread_evenly_over_the_shuffle_partitions(spark, buckets: int,  # type: ignore[no-untyped-def]
+                                                                 partitions: int) -> None:
+    """Spark's own hash partitioning places bucket b on partition b mod partitions."""
+    keys = balanced_bucket_keys(buckets, partitions)
+    frame = spark.createDataFrame([(key,) for key in keys], "key long").repartition(
+        partitions, "key")
+    placed = frame.rdd.mapPartitionsWithIndex(
+        lambda index, rows: [(row.key, index) for row in rows]).collectAsMap()
+    assert [placed[key] for key in keys] == [b % partitions for b in range(buckets)]
+    assert min(keys) >= 0 and len(set(keys)) == buckets

@@ -141,14 +141,9 @@ def test_alerts_equal_the_oracle_that_counts_each_transaction_id_once(
     assert set(published) == expected
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "detector finding (issue #6): high_value alerts are made per micro-batch without state, so "
-    "a resend of a high-value transaction in a later batch writes a second Parquet row with "
-    "the same alert_id (Kafka consumers dedup it; Parquet readers see it twice). Remove this "
-    "marker when the fix lands: the test then passes."))
 def test_a_resent_high_value_transaction_leaves_one_alert_row(resend_run: ResendRun) -> None:
-    """high_value is stateless, but the same transaction is the same evidence and the same
-    alert_id: a resend in a later micro-batch must not add a second row to Parquet."""
+    """The same transaction is the same evidence and the same alert_id: a resend in a later
+    micro-batch must not add a second row to Parquet (the bucket state remembers the id)."""
     rows = alerts_of(resend_run, "u-rich")
     assert [a["rule"] for a in rows] == [schemas.HIGH_VALUE], (
         f"{len(rows)} alert rows for one high_value transaction sent twice (the second copy "
