@@ -541,9 +541,10 @@ class DetectorSettings(KafkaSettings):
         "checkpoint once a query has started)",
     )
     state_buckets: int = setting(
-        32, env="STATE_BUCKETS", minimum=1, maximum=4096,
+        4, env="STATE_BUCKETS", minimum=1, maximum=4096,
         help="hash buckets of user_id that group the windowed rules' state (fixed by the "
-             "checkpoint; more buckets = more parallelism on a cluster, more per-batch overhead)",
+             "checkpoint; spread evenly over SHUFFLE_PARTITIONS, so use at least as many; each "
+             "bucket costs a pandas frame and a state round trip per batch)",
     )
     console_alerts: bool = setting(True, env="CONSOLE_ALERTS", help="print alerts to the console")
     watermark_seconds: float = setting(
