@@ -158,8 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "target_mb": TARGET_MB,
         "samples_taken": len(samples),
     })
-    result["within_target"] = (result["peak_rss_mb"] is not None
-                               and result["peak_rss_mb"] <= TARGET_MB)
+    # A run that did not hold the full state measured nothing: no verdict.
+    result["within_target"] = (result["peak_rss_mb"] <= TARGET_MB
+                               if caught_up and exit_code == 0 and result["peak_rss_mb"] is not None
+                               else None)
     stamped, _ = report.finish(data=data, result=result,
                                detector_metrics=summarize_batches(lines),
                                samples=[vars(s) for s in samples])
@@ -169,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [[data["max_distinct_users_in_state_window"], result["rows_processed"],
           result["caught_up_seconds"], result["peak_rss_mb"], result["steady_rss_mb"],
           result["peak_pss_mb"], result["steady_pss_mb"],
-          "yes" if result["within_target"] else "NO", exit_code]]))
+          {True: "yes", False: "NO", None: "-"}[result["within_target"]], exit_code]]))
     if peak:
         print(f"at peak: {peak.by_kind_rss_mb} ({peak.processes} processes)")
     print(f"results: {stamped}")

@@ -56,7 +56,7 @@ VELOCITY: Final = "velocity"
 MULTI_LOCATION: Final = "multi_location"
 PAYPAL_MICRO: Final = "paypal_micro"
 RULES: Final = (HIGH_VALUE, VELOCITY, MULTI_LOCATION, PAYPAL_MICRO)
-#: Rules that keep per-user state in event time (high_value is stateless).
+#: Rules that count over spans of event time (high_value looks at one transaction).
 STATEFUL_RULES: Final = (VELOCITY, MULTI_LOCATION, PAYPAL_MICRO)
 
 # --- alerts -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -536,6 +537,11 @@ class DetectorSettings(KafkaSettings):
              "classpath",
     )
     spark_master: str = setting("local[2]", env="SPARK_MASTER", help="Spark master URL")
+    driver_memory: str = setting(
+        "2g", env="SPARK_DRIVER_MEMORY",
+        help="JVM heap of the Spark driver (spark.driver.memory, e.g. 1g or 1536m); in local "
+             "mode the executors live in it too",
+    )
     shuffle_partitions: int = setting(
         2, env="SHUFFLE_PARTITIONS", minimum=1, help="spark.sql.shuffle.partitions (fixed by the "
         "checkpoint once a query has started)",
@@ -582,6 +588,12 @@ class DetectorSettings(KafkaSettings):
     paypal_micro_window_seconds: float = setting(
         240.0, env="PAYPAL_MICRO_WINDOW_SECONDS", minimum=1, help="paypal_micro: within this span"
     )
+
+    def validate(self) -> None:
+        super().validate()
+        if not re.fullmatch(r"[1-9][0-9]*[kmgt]?", self.driver_memory.strip().lower()):
+            raise SettingsError(self.field_key("driver_memory"),
+                                f"expected a JVM size like 1g or 1536m, got {self.driver_memory!r}")
 
     @property
     def resolved_metrics_file(self) -> Path:

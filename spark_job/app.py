@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from fraudstream.kafka import BrokerUnavailable, wait_for_broker
 from fraudstream.settings import DetectorSettings, SettingsError
 from spark_job.batch import BatchProcessor, DetectorOutputs
 from spark_job.detection_input import DETECTION_INPUT_DECODER
+from spark_job.kafka_source import KafkaSourceError
 from spark_job.metrics import MetricsListener
 from spark_job.plan import build_detection_plan
 from spark_job.rules import RuleConfig
@@ -127,6 +129,30 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     return out
 
 
+def explain_failure(text: str) -> tuple[str, str]:
+    """The cause of a query failure and what to do about it. Spark wraps an error raised in the
+    source's Python worker in its own (``PYTHON_STREAMING_DATA_SOURCE_RUNTIME_ERROR``); the
+    source's own message, deeper in the text, is the one that says what happened."""
+    for line in text.splitlines():
+        _, found, cause = line.partition(f"{KafkaSourceError.__name__}: ")
+        if found:
+            if "records were lost" in cause:
+                # failOnDataLoss is an option of the source, not a detector setting.
+                return cause.split("; set ")[0], (
+                    "the checkpoint's offsets are gone from the broker: ./reset.sh (or a new "
+                    "CHECKPOINT_DIR) reads the topic again from the start")
+            return cause, "fix the cause; a restart resumes from the checkpoint"
+    # A failure inside foreachBatch arrives as py4j's "exception raised by the Python Proxy"
+    # with the Python traceback after it: its last "SomeError: message" line is the cause.
+    raised = [line.strip() for line in text.splitlines()
+              if _RAISED.match(line.strip()) and "Py4J" not in line]
+    first = raised[-1] if raised else (text.splitlines()[0] if text else "unknown error")
+    return first, "a restart resumes from the checkpoint"
+
+
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): \S")
+
+
 class Detector:
     """The running streaming query and its clean stop."""
 
@@ -149,6 +175,7 @@ class Detector:
             self.spark = build_spark_session(
                 settings.spark_master, app_name="fraudstream-detector",
                 shuffle_partitions=settings.shuffle_partitions,
+                driver_memory=settings.driver_memory.strip(),
             )
         stream = open_transactions_stream(self.spark, settings)
         plan = build_detection_plan(stream, self.config, settings.watermark_seconds,
@@ -199,8 +226,8 @@ class Detector:
         self._flush_metrics()
         self.close()
         if exception is not None:
-            log.error("detector stopped on an error (restart resumes from the checkpoint): %s",
-                      str(exception).splitlines()[0])
+            cause, advice = explain_failure(str(exception))
+            log.error("detector stopped on an error: %s; %s", cause, advice)
             return 1
         if self.listener:
             log.info("detector stopped cleanly: %s", self.listener.summary())

@@ -177,7 +177,7 @@ def make_state_function(config: RuleConfig, watermark_delay_us: int):  # type: i
             if state.exists:
                 state.remove()
         else:
-            state.update((bucket.to_json(),))
+            state.update((bucket.to_json(config),))
 
     return handle
 

@@ -1,6 +1,7 @@
 """Validate and decode transaction records: SPEC.md's "bad input", one reason code per class.
 
-Runs inside the Kafka source (``decoder`` option = ``TRANSACTION_DECODER``), so every record
+Runs inside the Kafka source (``decoder`` option = ``TRANSACTION_DECODER`` for plain decoded
+rows; the detector wraps it, see ``spark_job.detection_input``), so every record
 leaves the source either typed (``error_reason`` null) or rejected with a reason code from
 ``fraudstream.schemas``, a human-readable detail and the original value as text. Rejected rows
 carry no typed field at all; in particular ``event_time`` is null, so a record with a

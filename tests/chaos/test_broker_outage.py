@@ -139,6 +139,8 @@ def test_detector_rides_out_a_hung_broker_and_refuses_an_emptied_one(tmp_path: P
             replacement.stop()
     assert code == 1, f"expected exit 1 after data loss, got {code}:\n{output[-3000:]}"
     assert "records were lost" in output and topics.TRANSACTIONS in output, output[-3000:]
+    stopped = next(line for line in output.splitlines() if "detector stopped on an error" in line)
+    assert "records were lost" in stopped and "./reset.sh" in stopped, stopped
     ids = [a["alert_id"] for a in alert_rows(parquet)]
     assert set(ids) == set(expected) and not duplicates(ids), \
         f"seed {seed}: the outputs changed after the refusal"

@@ -106,9 +106,28 @@ def test_state_round_trips_through_json_and_is_pruned_by_the_batch_watermark() -
     run([row("u1", 0), row("u2", 1000)], state)
     # u1's transaction is older than u2's minus the delay minus the longest window: gone.
     assert set(state.users) == {"u2"}
-    restored = BucketState.from_json(state.to_json())
-    assert restored.users["u2"].buffer == state.users["u2"].buffer
+    restored = BucketState.from_json(state.to_json(CONFIG))
+    assert restored.users == {}, "users are parsed only when a batch touches them"
+    user = restored.get("u2")
+    assert user is not None and user.buffer == state.users["u2"].buffer
+    assert restored.get("u1") is None
     assert BucketState.from_json(None).empty
+
+
+def test_untouched_users_stay_unparsed_and_are_dropped_once_past_retention() -> None:
+    state = BucketState()
+    run([row("u1", 0, tx_id="a"), row("u2", 0, tx_id="b")], state)
+    stored = BucketState.from_json(state.to_json(CONFIG))
+    run([row("u2", 200, tx_id="c")], stored, watermark=BASE + timedelta(seconds=100))
+    assert set(stored.users) == {"u2"} and set(stored.stored) == {"u1"}
+    # u1's last transaction can matter until 0 s + the longest window (240 s).
+    stored.prune(round((BASE + timedelta(seconds=240)).timestamp() * MICROS), CONFIG)
+    assert "u1" in stored.stored
+    stored.prune(round((BASE + timedelta(seconds=241)).timestamp() * MICROS), CONFIG)
+    assert "u1" not in stored.stored
+    # The parsed and the stored users survive another round trip together.
+    again = BucketState.from_json(stored.to_json(CONFIG))
+    assert set(again.stored) == {"u2"}
 
 
 def test_high_value_fires_once_per_transaction_even_when_resent_in_a_later_batch() -> None:

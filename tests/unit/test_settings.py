@@ -329,3 +329,10 @@ def test_entry_point_passes_the_exit_code_through() -> None:
     with pytest.raises(SystemExit) as info:
         run_entry_point("prog", lambda: 0)
     assert info.value.code == 0
+
+
+def test_driver_memory_takes_a_jvm_size_and_names_the_key_otherwise() -> None:
+    assert DetectorSettings(driver_memory="1536m").driver_memory == "1536m"
+    with pytest.raises(SettingsError, match=r"driver[_-]memory|SPARK_DRIVER_MEMORY") as caught:
+        DetectorSettings(driver_memory="lots")
+    assert "1g" in str(caught.value)
