@@ -547,7 +547,7 @@ class DetectorSettings(KafkaSettings):
         "checkpoint once a query has started)",
     )
     state_buckets: int = setting(
-        4, env="STATE_BUCKETS", minimum=1, maximum=4096,
+        32, env="STATE_BUCKETS", minimum=1, maximum=4096,
         help="hash buckets of user_id that group the windowed rules' state (fixed by the "
              "checkpoint; spread evenly over SHUFFLE_PARTITIONS, so use at least as many; each "
              "bucket costs a pandas frame and a state round trip per batch)",

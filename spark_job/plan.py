@@ -246,7 +246,7 @@ def balanced_bucket_keys(state_buckets: int, shuffle_partitions: int) -> list[in
 
 
 def build_detection_plan(detection_input: DataFrame, config: RuleConfig,
-                         watermark_seconds: float, state_buckets: int = 4,
+                         watermark_seconds: float, state_buckets: int = 32,
                          shuffle_partitions: int = 2) -> DataFrame:
     """Tagged rows (``kind``) for one foreachBatch: the alerts, per-bucket counters and the
     archived chunks. ``detection_input`` has the columns of ``DETECTION_INPUT_SCHEMA`` (archive
