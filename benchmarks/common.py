@@ -40,8 +40,15 @@ from confluent_kafka.admin import NewTopic
 from fraudstream import schemas
 from fraudstream.broker import EmbeddedBroker
 from fraudstream.kafka import wait_for_broker
-from producer.generator import TransactionGenerator, encode_transaction, to_ms, users_needed
-from spark_job.oracle import expected_alerts
+from fraudstream.rules.oracle import expected_alerts
+from producer.generator import (
+    HIGH_VALUE_AMOUNT,
+    VELOCITY_COUNT,
+    TransactionGenerator,
+    encode_transaction,
+    to_ms,
+    users_needed,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -439,7 +446,8 @@ def compare_alerts(found: Sequence[Mapping[str, Any]], expected: Mapping[str, Ma
     missing = sorted(set(expected) - set(found_by_id))
     unexpected = sorted(set(found_by_id) - set(expected))
     by_rule: dict[str, dict[str, int]] = {}
-    for rule in schemas.RULES:
+    seen = {a["rule"] for a in expected.values()} | {a["rule"] for a in found_by_id.values()}
+    for rule in [*schemas.RULES, *sorted(seen - set(schemas.RULES))]:
         want = {i for i, a in expected.items() if a["rule"] == rule}
         got = {i for i, a in found_by_id.items() if a["rule"] == rule}
         by_rule[rule] = {"expected": len(want), "found": len(got),
@@ -686,9 +694,10 @@ class TriggerInjector:
 
     The generator's own episodes wait for a user idle for 250 s, so in a short live run they
     start minutes late; these give a steady supply of samples instead. Each high_value trigger
-    is one card payment above the threshold; each velocity episode is four small card payments
-    ``gap`` s apart in one place (the fourth makes the rule true). Fresh user ids (``bench-``
-    prefix) never meet normal traffic, so no other rule can fire for them.
+    is one card payment above the default rule's amount; each velocity episode is one more small
+    card payment than the default rule's count (four), ``gap`` s apart in one place (the last
+    makes the rule true). Fresh user ids (``bench-`` prefix) never meet normal traffic, so no
+    other rule can fire for them.
     """
 
     def __init__(self, high_value_per_s: float, velocity_per_s: float, gap_s: float = 2.0,
@@ -722,11 +731,13 @@ class TriggerInjector:
                 self.users += 1
                 user = f"bench-{rule.replace('_', '')}-{self.users:06d}"
                 if rule == schemas.HIGH_VALUE:
-                    events = [self._tx(user, rule, round(self.rng.uniform(3600, 9000), 2),
+                    low = HIGH_VALUE_AMOUNT + 100
+                    events = [self._tx(user, rule, round(self.rng.uniform(low, 9000), 2),
                                        int(start))]
                 else:
                     events = [self._tx(user, rule, round(self.rng.uniform(5, 45), 2),
-                                       int(start) + k * self.gap_ms) for k in range(4)]
+                                       int(start) + k * self.gap_ms)
+                              for k in range(VELOCITY_COUNT + 1)]
                 for event in events:
                     self.seq += 1
                     self._heapq.heappush(self.pending, (event["_due"], self.seq, event))

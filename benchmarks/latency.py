@@ -212,9 +212,9 @@ def analyse(received: Sequence[tuple[float, dict[str, Any]]], sent: Mapping[str,
             continue
         latency = receive_time - trigger.send_time
         from_ack = receive_time - trigger.ack_time if trigger.ack_time else None
-        by_rule[alert["rule"]].append(latency)
+        by_rule.setdefault(alert["rule"], []).append(latency)
         if from_ack is not None:
-            by_rule_ack[alert["rule"]].append(from_ack)
+            by_rule_ack.setdefault(alert["rule"], []).append(from_ack)
         samples.append({"rule": alert["rule"], "latency_s": round(latency, 4),
                         "latency_from_ack_s": round(from_ack, 4) if from_ack else None,
                         "sent_at_s": round(trigger.send_time - origin, 3),
@@ -222,7 +222,7 @@ def analyse(received: Sequence[tuple[float, dict[str, Any]]], sent: Mapping[str,
     missing: dict[str, int] = {rule: 0 for rule in schemas.RULES}
     for alert_id, alert in wanted.items():
         if alert_id not in arrived:
-            missing[alert["rule"]] += 1
+            missing[alert["rule"]] = missing.get(alert["rule"], 0) + 1
     return {
         "latency_s": {rule: summarize(values) for rule, values in by_rule.items()},
         "latency_from_ack_s": {rule: summarize(values) for rule, values in by_rule_ack.items()},

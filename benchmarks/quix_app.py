@@ -1,16 +1,19 @@
-"""The Quix Streams peer: the four rules with the same SPEC semantics, as a Quix application.
+"""The Quix Streams peer: the default rules with the same SPEC semantics, as a Quix application.
 
 Run by ``benchmarks.quix_peer`` under an interpreter that has quixstreams
 (``python -m benchmarks.quix_app --help``). To keep the semantics identical it reuses the
-detector's pure pieces — ``spark_job.validation.classify`` (bad input goes to the DLQ topic),
-``spark_job.rules.high_value_alert`` and the per-user rule engine ``UserRuleState`` (kept in Quix
-state under the message key, i.e. the user) — and only the streaming machinery differs:
-record-at-a-time processing, RocksDB state (with a changelog topic unless --no-changelog),
-consumer-group offsets, Kafka output through Quix's producer.
+detector's pure pieces — ``spark_job.validation.classify`` (bad input goes to the DLQ topic) and
+the rule core's engine, ``fraudstream.rules.engine.BucketState`` over the default rules (version
+1), holding one user at a time: the user's ``UserState`` is kept in Quix state under the message
+key, i.e. the user — and only the streaming machinery differs: record-at-a-time processing,
+RocksDB state (with a changelog topic unless --no-changelog), consumer-group offsets, Kafka
+output through Quix's producer. The rules are fixed at start (no rules topic).
 
 Watermark: per partition, the newest event time seen minus ``--watermark-seconds`` (a user's
 events all live in one partition, so in-order data is never late). Events older than it skip the
-windowed rules (high_value still fires) and are counted, as in the detector.
+windowed rules (per-transaction rules such as high_value still fire) and are counted, as in the
+detector. Each user's transactions are kept for ``--retention-seconds`` behind the watermark, as
+the detector keeps them.
 
 ``--expect N`` stops the application after N input messages (a backfill, like the detector's
 ``--available-now``); without it the application runs until SIGTERM. A JSON line with counters
@@ -30,15 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from fraudstream import schemas
-from spark_job.rules import (
-    MICROS,
-    RuleAlert,
-    RuleConfig,
-    Tx,
-    UserRuleState,
-    alert_record,
-    high_value_alert,
-)
+from fraudstream.rules.definition import default_definitions
+from fraudstream.rules.engine import BucketState, RuleAlert, UserState, alert_record
+from fraudstream.rules.kinds import MICROS, Tx
+from fraudstream.rules.ruleset import RuleSet
+from fraudstream.settings import DetectorSettings
 from spark_job.validation import ValidationLimits, classify, raw_text
 
 STATE_KEY = "rules"
@@ -68,6 +67,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="consumer session timeout (the local broker's group join waits "
                              "for it: ~23 s with librdkafka's default 45000)")
     parser.add_argument("--watermark-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--retention-seconds", type=float,
+        default=DetectorSettings.__dataclass_fields__["retention_seconds"].default,
+        help="event time each user's transactions stay in state (the detector's default)")
     parser.add_argument("--progress-file", default=None)
     parser.add_argument("--idle-timeout", type=float, default=0.0,
                         help="with --expect: give up after this many seconds without a message")
@@ -78,18 +81,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 class RulesStep:
     """The stateful function: one input message -> zero or more output records."""
 
-    def __init__(self, config: RuleConfig, watermark_seconds: float) -> None:
-        self.config = config
+    def __init__(self, ruleset: RuleSet, watermark_seconds: float,
+                 retention_seconds: float) -> None:
+        self.ruleset = ruleset
         self.delay_us = round(watermark_seconds * MICROS)
+        self.horizon_us = round(retention_seconds * MICROS)
         self.limits = ValidationLimits()
         self.newest_us: dict[int, int] = {}
         self.counts = {"processed": 0, "valid": 0, "dlq": 0, "late": 0, "alerts": 0,
                        "duplicates": 0}
-        self.alerts_by_rule = dict.fromkeys(schemas.RULES, 0)
+        self.alerts_by_rule: dict[str, int] = {d.rule_id: 0 for d in ruleset.active}
 
     def _alert(self, alert: RuleAlert, now: datetime) -> dict[str, Any]:
         self.counts["alerts"] += 1
-        self.alerts_by_rule[alert.rule] += 1
+        self.alerts_by_rule[alert.rule] = self.alerts_by_rule.get(alert.rule, 0) + 1
         return {**schemas.to_json_ready(alert_record(alert, now)), KIND: "alert"}
 
     def __call__(self, value: bytes | None, key: Any, timestamp: int, headers: Any,
@@ -111,28 +116,30 @@ class RulesStep:
         tx = Tx(event_us, typed["transaction_id"], float(typed["amount"]), typed["location"],
                 typed["payment_method"], int(timestamp) * 1000)
         user = typed["user_id"]
-        out: list[dict[str, Any]] = []
-        found = high_value_alert(user, tx, self.config)
-        if found is not None:
-            out.append(self._alert(found, now))
+        # A bucket of one user: the same engine as the detector's, over Quix's per-key state.
+        bucket = BucketState(ruleset=self.ruleset)
+        stored = state.get(STATE_KEY)
+        if stored is not None:
+            bucket.users[user] = UserState.from_json(stored)
         partition = context.partition
         newest = self.newest_us.get(partition)
         watermark = newest - self.delay_us if newest is not None else None
         if watermark is not None and event_us < watermark:
+            # Behind the watermark: per-transaction rules only; the state is not changed.
             self.counts["late"] += 1
-            return out
-        rules = UserRuleState.from_json(state.get(STATE_KEY))
-        alerts, duplicates = rules.process(user, [tx], self.config)
+            alerts, _ = bucket.process({}, {user: [tx]})
+            return [self._alert(alert, now) for alert in alerts]
+        alerts, duplicates = bucket.process({user: [tx]})
         self.counts["duplicates"] += duplicates
         newest = max(newest or event_us, event_us)
         self.newest_us[partition] = newest
-        rules.prune(newest - self.delay_us, self.config)
-        if rules.empty:
+        bucket.prune(newest - self.delay_us, self.horizon_us)
+        kept = bucket.users.get(user)
+        if kept is None or kept.empty:
             state.delete(STATE_KEY)
         else:
-            state.set(STATE_KEY, rules.to_json())
-        out.extend(self._alert(alert, now) for alert in alerts)
-        return out
+            state.set(STATE_KEY, kept.to_json())
+        return [self._alert(alert, now) for alert in alerts]
 
 
 def strip(record: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from quixstreams import Application
 
     logging.basicConfig(level=args.loglevel)
-    step = RulesStep(RuleConfig(), args.watermark_seconds)
+    step = RulesStep(RuleSet.of(default_definitions()), args.watermark_seconds,
+                     args.retention_seconds)
     progress = Path(args.progress_file) if args.progress_file else None
     started = time.time()
     last_write = 0.0

@@ -11,20 +11,16 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Final
 
-from fraudstream.schemas import HIGH_VALUE, MULTI_LOCATION, PAYPAL_MICRO, RULES, VELOCITY
+from fraudstream.rules.kinds import KINDS, ansi_colour
+from fraudstream.schemas import RULES
 
 RESET: Final = "\033[0m"
 BOLD: Final = "\033[1m"
 DIM: Final = "\033[2m"
 YELLOW_WARNING: Final = "\033[33m"
-#: One colour per rule, so a scrolling console can be read at a glance.
-RULE_COLOURS: Final[dict[str, str]] = {
-    HIGH_VALUE: "\033[31m",  # red
-    VELOCITY: "\033[33m",  # yellow
-    MULTI_LOCATION: "\033[35m",  # magenta
-    PAYPAL_MICRO: "\033[36m",  # cyan
-}
-RULE_WIDTH: Final = max(len(rule) for rule in RULES)
+#: Width of the rule column: a kind's name and a version (``multi_location v12``); longer
+#: rule ids widen their own line only.
+RULE_WIDTH: Final = max(len(name) for name in KINDS) + len(" v12")
 
 #: Fields the console needs, with the JSON types each accepts (bool is never a number).
 DISPLAY_FIELDS: Final[dict[str, tuple[type, ...]]] = {
@@ -60,6 +56,10 @@ def parse_alert(raw: bytes | str | None) -> dict[str, Any]:
         value = alert[name]
         if isinstance(value, bool) or not isinstance(value, types):
             raise MalformedAlert(f"field {name!r} has the wrong type ({type(value).__name__})")
+    version = alert.get("rule_version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise MalformedAlert("field 'rule_version' has the wrong type "
+                             f"({type(version).__name__})")
     return alert
 
 
@@ -78,11 +78,26 @@ def _paint(text: str, code: str, color: bool) -> str:
     return f"{code}{text}{RESET}" if color and code else text
 
 
-def format_alert(alert: Mapping[str, Any], *, color: bool) -> str:
-    """One readable line: detected time, rule, user, total amount, transaction count, reason."""
+def rule_colour(rule_id: str) -> str:
+    """The escape sequence of a rule's colour (shared with the dashboard through the rule
+    kinds): a default rule in its kind's colour, any other rule id in a stable one."""
+    return f"\033[{ansi_colour(rule_id)}m"
+
+
+def rule_label(alert: Mapping[str, Any]) -> str:
+    """The rule id, and its version when the alert carries one (``velocity v2``); alerts
+    written before rules were versioned have none."""
     rule = clean(alert["rule"])
+    version = alert.get("rule_version")
+    return rule if version is None else f"{rule} v{version}"
+
+
+def format_alert(alert: Mapping[str, Any], *, color: bool) -> str:
+    """One readable line: detected time, rule and version, user, total amount, transaction
+    count, reason."""
     when = _paint(clean(alert["detected_at"]), DIM, color)
-    label = _paint(f"{rule:<{RULE_WIDTH}}", BOLD + RULE_COLOURS.get(rule, ""), color)
+    label = _paint(f"{rule_label(alert):<{RULE_WIDTH}}", BOLD + rule_colour(alert["rule"]),
+                   color)
     count = alert["transaction_count"]
     return (f"{when}  {label}  user {clean(alert['user_id']):<8}  "
             f"amount {float(alert['total_amount']):>10.2f}  {count:>3} tx  "
@@ -104,9 +119,10 @@ def format_warning(text: str, *, color: bool) -> str:
 
 def format_totals(per_rule: Mapping[str, int], *, duplicates: int, malformed: int,
                   color: bool) -> str:
-    """The exit summary: alerts shown per rule (every known rule listed, even at 0)."""
+    """The exit summary: alerts shown per rule id (the default rules listed even at 0, then
+    every other rule id seen)."""
     names = [*RULES, *sorted(set(per_rule) - set(RULES))]
-    parts = [_paint(f"{name}={per_rule.get(name, 0)}", RULE_COLOURS.get(name, ""), color)
+    parts = [_paint(f"{clean(name)}={per_rule.get(name, 0)}", rule_colour(name), color)
              for name in names]
     total = sum(per_rule.values())
     return (f"alerts shown: {total} ({' '.join(parts)}); duplicates skipped: {duplicates}; "

@@ -48,7 +48,8 @@ def ensure_topics(
     if not missing:
         return created
     futures = admin.create_topics(
-        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor)
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor,
+                  config=dict(s.config))
          for s in missing],
         request_timeout=timeout,
     )

@@ -50,21 +50,22 @@ OPTIONAL_FIELDS: Final[dict[str, tuple[type, ...]]] = {
 TRANSACTION_FIELDS: Final = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)
 
 # --- rules ------------------------------------------------------------------------------------
+# Rule kinds, their parameters and defaults live in ``fraudstream.rules``; the ids of the four
+# default rules (rule_id = kind name) are named here for code that refers to one of them.
 
 HIGH_VALUE: Final = "high_value"
 VELOCITY: Final = "velocity"
 MULTI_LOCATION: Final = "multi_location"
 PAYPAL_MICRO: Final = "paypal_micro"
 RULES: Final = (HIGH_VALUE, VELOCITY, MULTI_LOCATION, PAYPAL_MICRO)
-#: Rules that count over spans of event time (high_value looks at one transaction).
-STATEFUL_RULES: Final = (VELOCITY, MULTI_LOCATION, PAYPAL_MICRO)
 
 # --- alerts -----------------------------------------------------------------------------------
 
 
 class Alert(TypedDict):
     alert_id: str
-    rule: str
+    rule: str  # the rule_id of the definition that fired
+    rule_version: int
     user_id: str
     window_start: str
     window_end: str
@@ -166,6 +167,8 @@ def to_json_ready(record: dict[str, Any]) -> dict[str, Any]:
 ALERTS_DATASET: Final = "alerts"
 TRANSACTIONS_DATASET: Final = "transactions"
 DLQ_DATASET: Final = "dlq"
+#: Every ``fraud-rules`` record the detector read: applied, deleted or refused with the reason.
+RULE_CHANGES_DATASET: Final = "rule_changes"
 #: Not a Parquet dataset: the detector's JSON-lines metrics live in ``_metrics/detector.jsonl``
 #: (the leading underscore keeps Parquet readers out of it).
 METRICS_FOLDER: Final = "_metrics"

@@ -34,9 +34,15 @@ from typing import Any, TypeVar
 import yaml
 
 from fraudstream import topics
+from fraudstream.rules import KINDS, MICROS, RuleDefinition, default_definitions
 
 CONFIG_ENV = "FRAUDSTREAM_CONFIG"
 KAFKA_SECTION = "kafka"
+
+
+def _default(kind: str, param: str) -> Any:
+    """A default rule parameter, written once in the rule core."""
+    return KINDS[kind].defaults[param]
 
 
 class SettingsError(ValueError):
@@ -250,6 +256,10 @@ class KafkaSettings(BaseSettings):
     dlq_topic: str = setting(
         topics.DLQ, env="DLQ_TOPIC", section=KAFKA_SECTION, help="dead-letter topic for bad input"
     )
+    rules_topic: str = setting(
+        topics.RULES, env="RULES_TOPIC", section=KAFKA_SECTION,
+        help="compacted topic of rule definitions (keyed by rule_id)",
+    )
 
     def validate(self) -> None:
         key = self.field_key("bootstrap_servers")
@@ -264,7 +274,7 @@ class KafkaSettings(BaseSettings):
                 self.field_key("sasl_mechanism"),
                 f"required when security_protocol is {self.security_protocol}",
             )
-        for name in ("transactions_topic", "alerts_topic", "dlq_topic"):
+        for name in ("transactions_topic", "alerts_topic", "dlq_topic", "rules_topic"):
             if not topics.valid_topic_name(getattr(self, name)):
                 raise SettingsError(self.field_key(name), "not a valid Kafka topic name")
 
@@ -411,7 +421,7 @@ def run_entry_point(prog: str, main: Callable[[], int]) -> None:
 
 
 #: YAML sections, one per program. Each program module declares its own settings class.
-SECTIONS = ("producer", "detector", "consumer", "dashboard", "broker")
+SECTIONS = ("producer", "detector", "consumer", "dashboard", "broker", "rules")
 
 
 # --- one settings class per program ------------------------------------------------------------
@@ -563,37 +573,60 @@ class DetectorSettings(KafkaSettings):
     max_value_bytes: int = setting(
         1_000_000, env="MAX_VALUE_BYTES", minimum=1, help="reject larger record values"
     )
+    retention_seconds: float = setting(
+        600.0, env="RETENTION_SECONDS", minimum=1,
+        help="event time each user's transactions stay in state (the retention horizon): the "
+             "longest window a rule may have; fixed by the checkpoint",
+    )
+    # The parameters of the four default rules, published as version 1 when the rules topic is
+    # empty. Afterwards the rules live on the topic (python -m fraudstream.rules).
     high_value_amount: float = setting(
-        3500.0, env="HIGH_VALUE_AMOUNT", minimum=0, help="high_value: amount strictly above this"
-    )
+        _default("high_value", "amount"), env="HIGH_VALUE_AMOUNT", minimum=0,
+        help="default high_value rule: amount strictly above this")
     velocity_count: int = setting(
-        3, env="VELOCITY_COUNT", minimum=1, help="velocity: more than this many transactions"
-    )
+        _default("velocity", "count"), env="VELOCITY_COUNT", minimum=1,
+        help="default velocity rule: more than this many transactions")
     velocity_window_seconds: float = setting(
-        60.0, env="VELOCITY_WINDOW_SECONDS", minimum=1, help="velocity: within this span"
-    )
+        _default("velocity", "window_seconds"), env="VELOCITY_WINDOW_SECONDS", minimum=1,
+        help="default velocity rule: within this span")
     multi_location_count: int = setting(
-        2, env="MULTI_LOCATION_COUNT", minimum=2, help="multi_location: at least this many places"
-    )
+        _default("multi_location", "count"), env="MULTI_LOCATION_COUNT", minimum=2,
+        help="default multi_location rule: at least this many places")
     multi_location_window_seconds: float = setting(
-        120.0, env="MULTI_LOCATION_WINDOW_SECONDS", minimum=1,
-        help="multi_location: within this span",
-    )
+        _default("multi_location", "window_seconds"), env="MULTI_LOCATION_WINDOW_SECONDS",
+        minimum=1, help="default multi_location rule: within this span")
     paypal_micro_count: int = setting(
-        3, env="PAYPAL_MICRO_COUNT", minimum=1, help="paypal_micro: more than this many payments"
-    )
+        _default("paypal_micro", "count"), env="PAYPAL_MICRO_COUNT", minimum=1,
+        help="default paypal_micro rule: more than this many payments")
     paypal_micro_amount: float = setting(
-        50.0, env="PAYPAL_MICRO_AMOUNT", minimum=0, help="paypal_micro: amount strictly below this"
-    )
+        _default("paypal_micro", "amount"), env="PAYPAL_MICRO_AMOUNT", minimum=0,
+        help="default paypal_micro rule: amount strictly below this")
     paypal_micro_window_seconds: float = setting(
-        240.0, env="PAYPAL_MICRO_WINDOW_SECONDS", minimum=1, help="paypal_micro: within this span"
-    )
+        _default("paypal_micro", "window_seconds"), env="PAYPAL_MICRO_WINDOW_SECONDS", minimum=1,
+        help="default paypal_micro rule: within this span")
 
     def validate(self) -> None:
         super().validate()
         if not re.fullmatch(r"[1-9][0-9]*[kmgt]?", self.driver_memory.strip().lower()):
             raise SettingsError(self.field_key("driver_memory"),
                                 f"expected a JVM size like 1g or 1536m, got {self.driver_memory!r}")
+        for definition in self.default_rules():
+            if definition.window_us > self.retention_us:
+                name = f"{definition.kind}_window_seconds"
+                raise SettingsError(self.field_key(name), f"the window exceeds the retention "
+                                    f"horizon ({self.retention_seconds:g} s, RETENTION_SECONDS)")
+
+    @property
+    def retention_us(self) -> int:
+        return round(self.retention_seconds * MICROS)
+
+    def default_rules(self) -> list[RuleDefinition]:
+        """The four default rules with these settings' parameters, version 1."""
+        overrides: dict[str, dict[str, int | float]] = {}
+        for kind in KINDS.values():
+            overrides[kind.name] = {p.name: getattr(self, f"{kind.name}_{p.name}")
+                                    for p in kind.params}
+        return default_definitions(overrides)
 
     @property
     def resolved_metrics_file(self) -> Path:
@@ -609,8 +642,7 @@ class ConsumerSettings(KafkaSettings):
     DESCRIPTION: typing.ClassVar[str] = "Print fraud alerts from Kafka as readable lines."
 
     rule: str | None = setting(
-        None, env="CONSUMER_RULE", help="only this rule",
-        choices=("high_value", "velocity", "multi_location", "paypal_micro"),
+        None, env="CONSUMER_RULE", help="only alerts of this rule_id (any rule, e.g. velocity_10m)",
     )
     user: str | None = setting(None, env="CONSUMER_USER", help="only this user_id")
     from_beginning: bool = setting(False, env="CONSUMER_FROM_BEGINNING", help="replay all alerts")
@@ -648,14 +680,57 @@ class DashboardSettings(KafkaSettings):
     max_alerts: int = setting(
         5000, env="DASHBOARD_MAX_ALERTS", minimum=10, help="alerts kept in memory for the views"
     )
+    # The Rules page refuses what the detector would refuse, so it needs the detector's horizon.
+    retention_seconds: float = setting(
+        DetectorSettings.__dataclass_fields__["retention_seconds"].default,
+        env="RETENTION_SECONDS", minimum=1,
+        help="the detector's retention horizon: rules with a longer window are refused",
+    )
 
     @property
     def resolved_metrics_file(self) -> Path:
         return self.metrics_file or self.parquet_dir / "_metrics" / "detector.jsonl"
 
 
+@dataclass(frozen=True)
+class RulesSettings(KafkaSettings):
+    """The command line for people who change rules (``python -m fraudstream.rules``)."""
+
+    SECTION: typing.ClassVar[str] = "rules"
+    PROG: typing.ClassVar[str] = "python -m fraudstream.rules"
+    DESCRIPTION: typing.ClassVar[str] = (
+        "See, change, create, delete and export the fraud rules in force on the rules topic. "
+        "Every change is validated as the detector will validate it before it is published."
+    )
+
+    # A change is refused here exactly when the detector would refuse it, so this must be the
+    # detector's horizon.
+    retention_seconds: float = setting(
+        DetectorSettings.__dataclass_fields__["retention_seconds"].default,
+        env="RETENTION_SECONDS", minimum=1,
+        help="the detector's retention horizon: rules with a longer window are refused",
+    )
+    parquet_dir: Path = setting(
+        Path("parquet_data"), env="PARQUET_DIR",
+        help="Parquet output root; `history` also reads its rule_changes/ folder",
+    )
+    analyst: str | None = setting(
+        None, env="FRAUDSTREAM_ANALYST",
+        help="who makes the change, recorded as updated_by (default: the login name)",
+    )
+    timeout: float = setting(
+        15.0, env="RULES_TIMEOUT", minimum=0.1,
+        help="seconds to wait for the broker, and for each read or write of the rules topic",
+    )
+
+    @property
+    def retention_us(self) -> int:
+        return round(self.retention_seconds * MICROS)
+
+
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     BrokerSettings, ProducerSettings, DetectorSettings, ConsumerSettings, DashboardSettings,
+    RulesSettings,
 )
 
 

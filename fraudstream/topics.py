@@ -8,6 +8,9 @@ from dataclasses import dataclass
 TRANSACTIONS = "transactions"
 ALERTS = "fraud-alerts"
 DLQ = "transactions-dlq"
+#: Rule definitions (compacted, keyed by rule_id); one partition keeps their order.
+RULES = "fraud-rules"
+VERDICTS = "fraud-verdicts"
 
 DEFAULT_TRANSACTIONS_PARTITIONS = 3
 
@@ -23,6 +26,14 @@ class TopicSpec:
     name: str
     partitions: int
     replication_factor: int = 1
+    #: Topic configs, e.g. {"cleanup.policy": "compact"}.
+    config: tuple[tuple[str, str], ...] = ()
+
+
+def rules_topic_spec(name: str = RULES, replication_factor: int = 1) -> TopicSpec:
+    """``fraud-rules``: one partition (the order of changes is the order they apply in),
+    compacted (the newest definition per rule_id is what counts)."""
+    return TopicSpec(name, 1, replication_factor, (("cleanup.policy", "compact"),))
 
 
 def default_topic_specs(

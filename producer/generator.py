@@ -1,7 +1,8 @@
 """Seeded synthetic transactions with labelled fraud episodes (pure: no Kafka, no wall clock).
 
 The generator is the ground truth of detection-quality measurements, so it makes two promises
-under the default rule thresholds (SPEC.md, ``DetectorSettings`` defaults):
+under the default rule thresholds (the parameters of the default rules,
+``fraudstream.rules.kinds.KINDS[...].defaults``):
 
 * normal traffic never satisfies any rule: a user's normal transactions are at least 21 s apart
   (four never fit in 60 s), their PayPal payments under 50 at least 81 s apart (four never fit
@@ -37,6 +38,7 @@ from typing import Final
 
 from faker import Faker
 
+from fraudstream.rules.kinds import KINDS, MICROS
 from fraudstream.schemas import (
     HIGH_VALUE,
     MULTI_LOCATION,
@@ -121,15 +123,25 @@ CURRENCY_BY_COUNTRY: Final[dict[str, str]] = {
     "HU": "HUF", "US": "USD",
 }
 
-# --- rule thresholds the guarantees are built on (DetectorSettings defaults) ---------------------
+# --- rule thresholds the guarantees are built on (the default rules' parameters) -----------------
 
-HIGH_VALUE_AMOUNT: Final = 3500.0
-VELOCITY_COUNT: Final = 3
-VELOCITY_WINDOW_MS: Final = 60_000
-MULTI_LOCATION_WINDOW_MS: Final = 120_000
-PAYPAL_MICRO_COUNT: Final = 3
-PAYPAL_MICRO_AMOUNT: Final = 50.0
-PAYPAL_MICRO_WINDOW_MS: Final = 240_000
+
+def _default(kind: str, param: str) -> float:
+    return float(KINDS[kind].defaults[param])
+
+
+def _window_ms(kind: str) -> int:
+    """A default rule's window in whole milliseconds (integer: event times stay exact)."""
+    return KINDS[kind].window_us(KINDS[kind].defaults) // (MICROS // 1000)
+
+
+HIGH_VALUE_AMOUNT: Final = _default(HIGH_VALUE, "amount")
+VELOCITY_COUNT: Final = int(_default(VELOCITY, "count"))
+VELOCITY_WINDOW_MS: Final = _window_ms(VELOCITY)
+MULTI_LOCATION_WINDOW_MS: Final = _window_ms(MULTI_LOCATION)
+PAYPAL_MICRO_COUNT: Final = int(_default(PAYPAL_MICRO, "count"))
+PAYPAL_MICRO_AMOUNT: Final = _default(PAYPAL_MICRO, "amount")
+PAYPAL_MICRO_WINDOW_MS: Final = _window_ms(PAYPAL_MICRO)
 
 #: Normal traffic spacing: count+1 events then span at least count x gap > window.
 NORMAL_MIN_GAP_MS: Final = VELOCITY_WINDOW_MS // VELOCITY_COUNT + 1_000  # 21 s

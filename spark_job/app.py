@@ -19,15 +19,15 @@ from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from fraudstream import schemas
+from fraudstream import datasets, schemas
 from fraudstream.kafka import BrokerUnavailable, wait_for_broker
+from fraudstream.rules.store import RulesTopic, RulesTopicError
 from fraudstream.settings import DetectorSettings, SettingsError
 from spark_job.batch import BatchProcessor, DetectorOutputs
-from spark_job.detection_input import DETECTION_INPUT_DECODER
+from spark_job.detection_input import DETECTION_INPUT_DECODER, RULE_RECORD_DECODER
 from spark_job.kafka_source import KafkaSourceError
 from spark_job.metrics import MetricsListener
 from spark_job.plan import build_detection_plan
-from spark_job.rules import RuleConfig
 from spark_job.session import build_spark_session
 from spark_job.sinks import (
     ALERT_ARROW_SCHEMA,
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 QUERY_NAME = "fraud-detector"
 CHECKPOINT_CONTRACT_FILE = "fraudstream-checkpoint.json"
 #: Bump when the state layout of the windowed rules changes incompatibly.
-STATE_VERSION = 3
+STATE_VERSION = 4
 
 
 def source_options(settings: DetectorSettings) -> dict[str, str]:
@@ -61,6 +61,15 @@ def source_options(settings: DetectorSettings) -> dict[str, str]:
     return options
 
 
+def rules_source_options(settings: DetectorSettings) -> dict[str, str]:
+    """Options of the source on the rules topic: always from its first record (the rules in
+    force are the fold of the whole topic), never limited per batch."""
+    options = {f"kafka.{k}": v for k, v in settings.client_config().items()}
+    options.update({"topic": settings.rules_topic, "startingOffsets": "earliest",
+                    "decoder": RULE_RECORD_DECODER})
+    return options
+
+
 def open_transactions_stream(spark: SparkSession, settings: DetectorSettings) -> DataFrame:
     """The detection input stream (``spark_job.detection_input``; one read of Kafka per
     micro-batch)."""
@@ -68,6 +77,26 @@ def open_transactions_stream(spark: SparkSession, settings: DetectorSettings) ->
         raise SettingsError(settings.field_key("source"),
                             "only the built-in Python source is wired in this build")
     return spark.readStream.format("fraudstream-kafka").options(**source_options(settings)).load()
+
+
+def open_rules_stream(spark: SparkSession, settings: DetectorSettings) -> DataFrame:
+    """The rules topic as rule record rows, read in the same micro-batches as transactions."""
+    return (spark.readStream.format("fraudstream-kafka")
+            .options(**rules_source_options(settings)).load())
+
+
+def publish_default_rules(settings: DetectorSettings) -> int:
+    """Publish the four default rules (version 1, parameters from settings) when the rules
+    topic holds nothing; returns how many were published."""
+    topic = RulesTopic(settings.client_config(), settings.rules_topic)
+    if topic.read():
+        return 0
+    defaults = settings.default_rules()
+    for definition in defaults:
+        topic.publish(definition)
+    log.info("rules topic %s was empty: published the default rules as version 1 (%s)",
+             settings.rules_topic, "; ".join(f"{d.rule_id}: {d.summary()}" for d in defaults))
+    return len(defaults)
 
 
 def build_outputs(settings: DetectorSettings) -> DetectorOutputs:
@@ -83,26 +112,30 @@ def build_outputs(settings: DetectorSettings) -> DetectorOutputs:
         ParquetBatchSink(settings.parquet_dir / schemas.DLQ_DATASET, DLQ_ARROW_SCHEMA),
         KafkaJsonSink(client, settings.dlq_topic, key_field="key", fields=schemas.DLQ_FIELDS),
     ]
-    return DetectorOutputs(alerts=alerts, dlq=dlq,
+    changes: list[RecordSink] = [ParquetBatchSink(
+        settings.parquet_dir / schemas.RULE_CHANGES_DATASET, datasets.RULE_CHANGES_SCHEMA)]
+    return DetectorOutputs(alerts=alerts, dlq=dlq, rule_changes=changes,
                            bronze_dir=settings.parquet_dir / schemas.TRANSACTIONS_DATASET)
 
 
-def checkpoint_contract(settings: DetectorSettings, config: RuleConfig) -> dict[str, Any]:
-    """What the state in a checkpoint was built with; a mismatch would corrupt it silently."""
+def checkpoint_contract(settings: DetectorSettings) -> dict[str, Any]:
+    """What the state in a checkpoint was built with and cannot change under it: its layout,
+    the buckets and partitions it is spread over, how far back it holds transactions, and the
+    topics whose offsets it records. Rules are data in the state itself, and change freely."""
     return {
         "state_version": STATE_VERSION,
-        "rules": config.fingerprint(),
-        "watermark_seconds": settings.watermark_seconds,
+        "retention_seconds": settings.retention_seconds,
         "shuffle_partitions": settings.shuffle_partitions,
         "state_buckets": settings.state_buckets,
         "transactions_topic": settings.transactions_topic,
+        "rules_topic": settings.rules_topic,
     }
 
 
-def check_checkpoint(settings: DetectorSettings, config: RuleConfig) -> None:
-    """Refuse to start on a checkpoint written with incompatible rule settings."""
+def check_checkpoint(settings: DetectorSettings) -> None:
+    """Refuse to start on a checkpoint written with settings its state cannot follow."""
     path = settings.checkpoint_dir / CHECKPOINT_CONTRACT_FILE
-    wanted = checkpoint_contract(settings, config)
+    wanted = checkpoint_contract(settings)
     if path.exists():
         found = json.loads(path.read_text(encoding="utf-8"))
         if found != wanted:
@@ -161,7 +194,6 @@ class Detector:
         """``outputs`` replaces the sinks built from settings (tests attach list sinks or a
         deliberately non-idempotent sink here)."""
         self.settings = settings
-        self.config = RuleConfig.from_settings(settings)
         self.spark = spark
         self.query: StreamingQuery | None = None
         self.stop_requested = False
@@ -170,19 +202,23 @@ class Detector:
 
     def start(self) -> StreamingQuery:
         settings = self.settings
-        check_checkpoint(settings, self.config)
+        check_checkpoint(settings)
+        publish_default_rules(settings)
         if self.spark is None:
             self.spark = build_spark_session(
                 settings.spark_master, app_name="fraudstream-detector",
                 shuffle_partitions=settings.shuffle_partitions,
                 driver_memory=settings.driver_memory.strip(),
             )
-        stream = open_transactions_stream(self.spark, settings)
-        plan = build_detection_plan(stream, self.config, settings.watermark_seconds,
-                                    settings.state_buckets, settings.shuffle_partitions)
+        plan = build_detection_plan(
+            open_transactions_stream(self.spark, settings),
+            rules_input=open_rules_stream(self.spark, settings),
+            watermark_seconds=settings.watermark_seconds,
+            horizon_seconds=settings.retention_seconds,
+            state_buckets=settings.state_buckets, shuffle_partitions=settings.shuffle_partitions)
         if self.outputs is None:
             self.outputs = build_outputs(settings)
-        processor = BatchProcessor(self.config, self.outputs)
+        processor = BatchProcessor(self.outputs)
         self.listener = MetricsListener(processor, settings.resolved_metrics_file)
         self.spark.streams.addListener(self.listener)
         writer = (plan.writeStream.queryName(QUERY_NAME).foreachBatch(processor)
@@ -193,9 +229,10 @@ class Detector:
             interval_ms = int(settings.trigger_seconds * 1000)
             writer = writer.trigger(processingTime=f"{interval_ms} milliseconds")
         self.query = writer.start()
-        log.info("detector started: %s -> %s, %s, console; parquet under %s; checkpoint %s",
-                 settings.transactions_topic, settings.alerts_topic, settings.dlq_topic,
-                 settings.parquet_dir, settings.checkpoint_dir)
+        log.info("detector started: %s (rules from %s) -> %s, %s, console; parquet under %s; "
+                 "checkpoint %s", settings.transactions_topic, settings.rules_topic,
+                 settings.alerts_topic, settings.dlq_topic, settings.parquet_dir,
+                 settings.checkpoint_dir)
         return self.query
 
     def request_stop(self, *_args: Any) -> None:
@@ -251,7 +288,7 @@ class Detector:
             except Exception as exc:
                 log.debug("listener not removed: %s", exc)
         if self.outputs:
-            for sink in (*self.outputs.alerts, *self.outputs.dlq):
+            for sink in (*self.outputs.alerts, *self.outputs.dlq, *self.outputs.rule_changes):
                 sink.close()
 
 
@@ -264,6 +301,10 @@ def run(settings: DetectorSettings) -> int:
     detector = Detector(settings)
     signal.signal(signal.SIGTERM, detector.request_stop)
     signal.signal(signal.SIGINT, detector.request_stop)
-    detector.start()
+    try:
+        detector.start()
+    except RulesTopicError as exc:
+        log.error("%s; check the broker and RULES_TOPIC", exc)
+        return 1
     return detector.wait()
 

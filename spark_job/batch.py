@@ -6,6 +6,7 @@ replayed after a crash). Everything here is idempotent on ``batch_id``; see ``sp
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -21,9 +22,9 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 
 from fraudstream import datasets, schemas
+from fraudstream.rules import REFUSED
 from spark_job.detection_input import ARCHIVE, unpack
-from spark_job.plan import KIND_ALERT, KIND_ARCHIVE, KIND_STATS
-from spark_job.rules import RuleConfig
+from spark_job.plan import KIND_ALERT, KIND_ARCHIVE, KIND_RULE, KIND_STATS, RULE_CHANGE
 from spark_job.sinks import ParquetBatchSink, RecordSink, write_all
 from spark_job.validation import TRANSACTION_ROW_SCHEMA
 
@@ -49,16 +50,19 @@ class BatchOutcome:
     latencies_ms: list[float] = field(default_factory=list)
     sink_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: Rules-topic records this batch applied (or refused): in the input, not transactions.
+    rule_changes: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
 class DetectorOutputs:
-    """Where a batch goes: record sinks for alerts and rejected records, and the folder of the
-    bronze dataset (valid transactions, one Parquet file per batch)."""
+    """Where a batch goes: record sinks for alerts, rejected records and rule changes, and the
+    folder of the bronze dataset (valid transactions, one Parquet file per batch)."""
 
     alerts: Sequence[RecordSink]
     dlq: Sequence[RecordSink]
     bronze_dir: Path | None = None
+    rule_changes: Sequence[RecordSink] = ()
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -85,8 +89,7 @@ class BatchProcessor:
     frame) cost more than the whole transfer at these volumes.
     """
 
-    def __init__(self, config: RuleConfig, outputs: DetectorOutputs) -> None:
-        self.config = config
+    def __init__(self, outputs: DetectorOutputs) -> None:
         self.outputs = outputs
         self.outcomes: dict[int, BatchOutcome] = {}
         self.bronze = (ParquetBatchSink(outputs.bronze_dir, BRONZE_ARROW_SCHEMA)
@@ -112,6 +115,9 @@ class BatchProcessor:
         valid = transactions.filter(is_valid)
         rejected = transactions.filter(pc.invert(is_valid)).select(list(DLQ_COLUMNS)).to_pylist()
         alert_rows = table.filter(pc.equal(kind, KIND_ALERT)).to_pylist()
+        changes = [json.loads(text) for text in
+                   table.filter(pc.equal(kind, KIND_RULE)).column(RULE_CHANGE).to_pylist()]
+        changes.sort(key=lambda change: change["offset"])
         stats = table.filter(pc.equal(kind, KIND_STATS))
         late_rows = int(pc.sum(stats.column("late_rows")).as_py() or 0)
         duplicate_rows = int(pc.sum(stats.column("duplicate_rows")).as_py() or 0)
@@ -138,6 +144,12 @@ class BatchProcessor:
             self.bronze.write_table(batch_id, valid)
         stages["bronze"] = time.monotonic() - mark
         mark = time.monotonic()
+        if changes:
+            applied_at = datetime.now(UTC)
+            for change in changes:
+                change["applied_at"] = applied_at
+                _log_change(change)
+            write_all(self.outputs.rule_changes, batch_id, changes)
         write_all(self.outputs.dlq, batch_id, dlq_records)
         public_alerts = [{k: v for k, v in a.items() if not k.startswith("_")} for a in alerts]
         write_all(self.outputs.alerts, batch_id, public_alerts)
@@ -146,13 +158,31 @@ class BatchProcessor:
 
         outcome = BatchOutcome(batch_id=batch_id, dlq_rows=len(dlq_records),
                                late_rows=late_rows, duplicate_rows=duplicate_rows,
-                               stage_seconds=stages)
+                               stage_seconds=stages, rule_changes=changes)
         for alert in alerts:
             outcome.alerts[alert["rule"]] += 1
             trigger = alert["_trigger_kafka_timestamp"]
             if trigger is not None:
                 outcome.latencies_ms.append((published - trigger).total_seconds() * 1000)
         return outcome
+
+
+def _log_change(change: dict[str, Any]) -> None:
+    """One loud line per rules record: what is in force now, or why a definition was refused."""
+    rule = change["rule_id"] or "?"
+    version = f" v{change['version']}" if change["version"] is not None else ""
+    if change["status"] == REFUSED:
+        log.warning("rule %s%s refused (offset %s): %s; the previous version stays in force",
+                    rule, version, change["offset"], change["reason"])
+        return
+    if change["version"] is None:
+        log.warning("rule %s %s (offset %s)", rule, change["status"], change["offset"])
+        return
+    before = (f" (was v{change['previous_version']} {change['previous_params']})"
+              if change["previous_version"] is not None else "")
+    state = "" if change["enabled"] else " disabled"
+    log.warning("rule %s%s %s%s by %s: %s %s%s", rule, version, change["status"], state,
+                change["updated_by"], change["kind"], change["params"], before)
 
 
 def _kafka_dlq_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -44,7 +44,8 @@ def records_between_offsets(progress: Mapping[str, Any]) -> int:
 
 def metrics_line(progress: Mapping[str, Any], outcome: BatchOutcome | None) -> schemas.BatchMetrics:
     """Build the JSON-lines record from Spark's progress dict and the batch's own outcome."""
-    input_rows = records_between_offsets(progress)
+    # Rules-topic records are input too, but not transactions.
+    input_rows = records_between_offsets(progress) - (len(outcome.rule_changes) if outcome else 0)
     duration_ms = (progress.get("durationMs") or {}).get("triggerExecution") or 0
     # The rules' operator sees late rows (it counts them itself); Spark drops none.
     late = outcome.late_rows if outcome else 0
@@ -61,7 +62,7 @@ def metrics_line(progress: Mapping[str, Any], outcome: BatchOutcome | None) -> s
         "valid_rows": input_rows - dlq,
         "dlq_rows": dlq,
         "late_rows": late,
-        "alerts": {rule: (outcome.alerts.get(rule, 0) if outcome else 0) for rule in schemas.RULES},
+        "alerts": {**dict.fromkeys(schemas.RULES, 0), **(outcome.alerts if outcome else {})},
         "batch_seconds": round(seconds, 3),
         "rows_per_second": round(input_rows / seconds, 1) if seconds > 0 else 0.0,
         "watermark": watermark,
@@ -133,7 +134,7 @@ class MetricsListener(StreamingQueryListener):
             for key in self.totals:
                 self.totals[key] += int(line[key])  # type: ignore[literal-required]
             for rule, count in line["alerts"].items():
-                self.alert_totals[rule] += count
+                self.alert_totals[rule] = self.alert_totals.get(rule, 0) + count
         log.info("%s", status_text(line))
 
     def onQueryIdle(self, event: Any) -> None:

@@ -15,10 +15,19 @@ state store, checkpointed with the query. Archive rows form a group of their own
 so Spark does not drop late rows before the handler sees them: the handler itself keeps rows
 older than the watermark out of the windowed rules and counts them; ``high_value`` fires for
 them too, and bronze keeps them (they are in the archive).
+
+Rules reach the state like Flink's broadcast state: the rules topic is a second stream of the
+same source (``RULE_RECORD`` rows), each of its rows copied to every state bucket. Each bucket
+keeps the rules in force in its state next to its users and applies a batch's rule records, in
+offset order, before the batch's transactions: a definition read in batch N judges the
+transactions of batch N onward, and a replay of batch N reads the same records. One bucket
+(the first) reports what each record did (``kind = 'rule'`` rows) for the log and the
+``rule_changes`` dataset.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -31,24 +40,27 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
-from spark_job.detection_input import ARCHIVE
-from spark_job.rules import MICROS, BucketState, RuleAlert, RuleConfig, Tx, alert_record
+from fraudstream.rules import MICROS, BucketState, RuleAlert, RuleChange, RuleSet, Tx, alert_record
+from spark_job.detection_input import ARCHIVE, RULE_RECORD, read_rule_record
 from spark_job.validation import EVENT_TIME
 
 KIND_ALERT = "alert"
 KIND_STATS = "stats"
 KIND_ARCHIVE = "archive"
+KIND_RULE = "rule"
+RULE_CHANGE = "rule_change"
 
 #: Alert columns as the stateful operator emits them (SPEC fields, ``user_id`` renamed to say
 #: whose alert it is, and when the trigger reached Kafka, for latency).
 ALERT_COLUMNS_DDL = (
-    "alert_id string, rule string, alert_user_id string, window_start timestamp, "
-    "window_end timestamp, transaction_count long, total_amount double, "
+    "alert_id string, rule string, rule_version long, alert_user_id string, "
+    "window_start timestamp, window_end timestamp, transaction_count long, total_amount double, "
     "locations array<string>, transaction_ids array<string>, reason string, "
     "detected_at timestamp, trigger_kafka_timestamp timestamp"
 )
 STATS_COLUMNS_DDL = "late_rows long, duplicate_rows long"
-OUTPUT_DDL = f"kind string, {ALERT_COLUMNS_DDL}, {STATS_COLUMNS_DDL}, {ARCHIVE} binary"
+OUTPUT_DDL = (f"kind string, {ALERT_COLUMNS_DDL}, {STATS_COLUMNS_DDL}, {ARCHIVE} binary, "
+              f"{RULE_CHANGE} string")
 STATE_DDL = "rules_state string"
 BUCKET = "state_bucket"
 #: The group of the archive rows: never a hash bucket (those are >= 0), never given state.
@@ -56,7 +68,7 @@ ARCHIVE_BUCKET = -1
 
 ALERT_COLUMNS = [column.split()[0] for column in ALERT_COLUMNS_DDL.split(", ")]
 STATS_COLUMNS = [column.split()[0] for column in STATS_COLUMNS_DDL.split(", ")]
-OUTPUT_COLUMNS = ["kind", *ALERT_COLUMNS, *STATS_COLUMNS, ARCHIVE]
+OUTPUT_COLUMNS = ["kind", *ALERT_COLUMNS, *STATS_COLUMNS, ARCHIVE, RULE_CHANGE]
 
 # PySpark's worker concatenates our frames, whose alert or archive columns are all null by design;
 # pandas warns about that. Imported wherever the handler runs.
@@ -77,26 +89,34 @@ def _micros(series: pd.Series) -> np.ndarray:
 
 
 class BucketStep:
-    """One state bucket's work for one batch: read the rule rows, run the rules, emit alerts.
+    """One state bucket's work for one batch: apply the batch's rule records, read the
+    transaction rows, run the rules, emit alerts.
 
-    Shared by the streaming handler (state from Spark) and the static one (empty state), so a
+    Shared by the streaming handler (state from Spark) and the static one (fresh state), so a
     batch run over a static frame exercises exactly the streaming code.
     """
 
-    def __init__(self, config: RuleConfig, watermark_delay_us: int) -> None:
-        self.config = config
+    def __init__(self, watermark_delay_us: int, horizon_us: int) -> None:
         self.watermark_delay_us = watermark_delay_us
+        self.horizon_us = horizon_us
 
-    def run(self, frames: Iterator[pd.DataFrame], state: BucketState, watermark_us: int
-            ) -> Iterator[pd.DataFrame]:
+    def run(self, frames: Iterator[pd.DataFrame], state: BucketState, watermark_us: int,
+            reports_rules: bool = True) -> Iterator[pd.DataFrame]:
         arrivals: dict[str, list[Tx]] = defaultdict(list)
         late: dict[str, list[Tx]] = defaultdict(list)
+        records: list[tuple[str | None, str | None, int]] = []
         late_rows = 0
         newest_us: int | None = None
-        high_value = self.config.high_value_amount
         for frame in frames:
             if frame.empty:
                 continue
+            cells = frame.get(RULE_RECORD)
+            if cells is not None and cells.notna().any():
+                is_rule = cells.notna()
+                records.extend(map(read_rule_record, cells[is_rule].tolist()))
+                frame = frame[~is_rule]
+                if frame.empty:
+                    continue
             event_us = _micros(frame[EVENT_TIME])
             on_time = event_us >= watermark_us
             if on_time.any():
@@ -110,17 +130,22 @@ class BucketStep:
                     arrivals[user_id].append(tx)
                 else:
                     late_rows += 1
-                    if tx.amount > high_value:
-                        late[user_id].append(tx)
-        alerts, duplicates = state.process(arrivals, self.config, late=late)
+                    late[user_id].append(tx)
+        changes: list[RuleChange] = []
+        if records:
+            records.sort(key=lambda record: record[2])
+            changes = state.apply_rules(records, self.horizon_us)
+        alerts, duplicates = state.process(arrivals, late=late)
         # The next batch's watermark is at least this bucket's newest event minus the delay.
         floor = watermark_us if newest_us is None else max(
             watermark_us, newest_us - self.watermark_delay_us)
-        state.prune(floor, self.config)
+        state.prune(floor, self.horizon_us)
         if alerts:
             yield _alerts_frame(alerts)
         if late_rows or duplicates:
             yield _stats_frame(late_rows, duplicates)
+        if changes and reports_rules:
+            yield _changes_frame(changes)
 
 
 def archive_frame(cells: Sequence[bytes]) -> pd.DataFrame:
@@ -148,6 +173,11 @@ def _alerts_frame(alerts: list[RuleAlert]) -> pd.DataFrame:
     return _with_columns(frame, KIND_ALERT)
 
 
+def _changes_frame(changes: list[RuleChange]) -> pd.DataFrame:
+    texts = [json.dumps(change.to_record()) for change in changes]
+    return _with_columns(pd.DataFrame({RULE_CHANGE: texts}), KIND_RULE)
+
+
 def _stats_frame(late_rows: int, duplicates: int) -> pd.DataFrame:
     frame = pd.DataFrame({"late_rows": [late_rows], "duplicate_rows": [duplicates]})
     return _with_columns(frame, KIND_STATS)
@@ -161,36 +191,42 @@ def _with_columns(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
     return frame[OUTPUT_COLUMNS]
 
 
-def make_state_function(config: RuleConfig, watermark_delay_us: int):  # type: ignore[no-untyped-def]
-    """The per-bucket handler given to applyInPandasWithState."""
-    step = BucketStep(config, watermark_delay_us)
+def make_state_function(watermark_delay_us: int, horizon_us: int, initial_rules: RuleSet,
+                        reporter_key: int):  # type: ignore[no-untyped-def]
+    """The per-bucket handler given to applyInPandasWithState. A bucket without state starts
+    with ``initial_rules``; ``reporter_key`` is the bucket that reports rule changes."""
+    step = BucketStep(watermark_delay_us, horizon_us)
 
     def handle(key: tuple[Any, ...], frames: Iterator[pd.DataFrame], state: GroupState
                ) -> Iterator[pd.DataFrame]:
         if key[0] == ARCHIVE_BUCKET:
             yield from _archives(frames)
             return
-        bucket = BucketState.from_json(state.get[0] if state.exists else None)
+        bucket = (BucketState.from_json(state.get[0]) if state.exists
+                  else BucketState(ruleset=initial_rules))
         watermark_us = max(0, state.getCurrentWatermarkMs()) * 1000
-        yield from step.run(frames, bucket, watermark_us)
+        yield from step.run(frames, bucket, watermark_us, reports_rules=key[0] == reporter_key)
         if bucket.empty:
             if state.exists:
                 state.remove()
         else:
-            state.update((bucket.to_json(config),))
+            state.update((bucket.to_json(horizon_us),))
 
     return handle
 
 
-def make_batch_function(config: RuleConfig, watermark_delay_us: int):  # type: ignore[no-untyped-def]
-    """The same step for a static DataFrame (applyInPandas): one group's rows, no prior state."""
-    step = BucketStep(config, watermark_delay_us)
+def make_batch_function(watermark_delay_us: int, horizon_us: int, initial_rules: RuleSet,
+                        reporter_key: int):  # type: ignore[no-untyped-def]
+    """The same step for a static DataFrame (applyInPandas): one group's rows, no prior
+    state."""
+    step = BucketStep(watermark_delay_us, horizon_us)
 
     def handle(key: tuple[Any, ...], frame: pd.DataFrame) -> pd.DataFrame:
         if key[0] == ARCHIVE_BUCKET:
             parts = list(_archives(iter([frame])))
         else:
-            parts = list(step.run(iter([frame]), BucketState(), 0))
+            parts = list(step.run(iter([frame]), BucketState(ruleset=initial_rules), 0,
+                                  reports_rules=key[0] == reporter_key))
         if not parts:
             return pd.DataFrame(columns=OUTPUT_COLUMNS)
         return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
@@ -245,30 +281,39 @@ def balanced_bucket_keys(state_buckets: int, shuffle_partitions: int) -> list[in
     return keys
 
 
-def build_detection_plan(detection_input: DataFrame, config: RuleConfig,
-                         watermark_seconds: float, state_buckets: int = 32,
+def build_detection_plan(detection_input: DataFrame, *, watermark_seconds: float,
+                         horizon_seconds: float, rules_input: DataFrame | None = None,
+                         initial_rules: RuleSet | None = None, state_buckets: int = 32,
                          shuffle_partitions: int = 2) -> DataFrame:
-    """Tagged rows (``kind``) for one foreachBatch: the alerts, per-bucket counters and the
-    archived chunks. ``detection_input`` has the columns of ``DETECTION_INPUT_SCHEMA`` (archive
-    rows with a null ``event_time``, so they never move the watermark). ``shuffle_partitions``
-    must be the query's (``spark.sql.shuffle.partitions``, fixed by its checkpoint): the bucket
-    keys are chosen to spread evenly over them."""
+    """Tagged rows (``kind``) for one foreachBatch: the alerts, per-bucket counters, rule
+    changes and the archived chunks.
+
+    ``detection_input`` has the columns of ``DETECTION_INPUT_SCHEMA`` (archive rows with a null
+    ``event_time``, so they never move the watermark); ``rules_input``, with the same columns,
+    carries rule records (the rules topic), copied to every bucket. ``initial_rules`` are in
+    force in a bucket before any rule record (the detector starts from none: its rules come
+    from the topic). ``shuffle_partitions`` must be the query's (``spark.sql.shuffle.partitions``,
+    fixed by its checkpoint): the bucket keys are chosen to spread evenly over them."""
     delay_ms = int(watermark_seconds * 1000)
-    watermarked = detection_input.withWatermark(EVENT_TIME, f"{delay_ms} milliseconds")
-    keys = F.array(*[F.lit(key).cast("long")
-                     for key in balanced_bucket_keys(state_buckets, shuffle_partitions)])
+    horizon_us = round(horizon_seconds * MICROS)
+    initial = initial_rules or RuleSet()
+    bucket_keys = balanced_bucket_keys(state_buckets, shuffle_partitions)
+    keys = F.array(*[F.lit(key).cast("long") for key in bucket_keys])
     bucket_index = F.pmod(F.xxhash64(F.col("user_id")), F.lit(state_buckets)).cast("int")
-    bucketed = watermarked.withColumn(BUCKET, F.when(
+    bucketed = detection_input.withColumn(BUCKET, F.when(
         F.col(ARCHIVE).isNotNull(), F.lit(ARCHIVE_BUCKET).cast("long")).otherwise(
         F.element_at(keys, bucket_index + 1)))
-    grouped = bucketed.groupBy(BUCKET)
+    if rules_input is not None:
+        bucketed = bucketed.unionByName(rules_input.withColumn(BUCKET, F.explode(keys)))
+    grouped = bucketed.withWatermark(EVENT_TIME, f"{delay_ms} milliseconds").groupBy(BUCKET)
+    args = (delay_ms * 1000, horizon_us, initial, bucket_keys[0])
     if detection_input.isStreaming:
         return grouped.applyInPandasWithState(
-            make_state_function(config, delay_ms * 1000),
+            make_state_function(*args),
             outputStructType=OUTPUT_DDL,
             stateStructType=STATE_DDL,
             outputMode="append",
             # No event-time timeout: with one, Spark would drop late rows before the handler.
             timeoutConf=GroupStateTimeout.NoTimeout,
         )
-    return grouped.applyInPandas(make_batch_function(config, delay_ms * 1000), schema=OUTPUT_DDL)
+    return grouped.applyInPandas(make_batch_function(*args), schema=OUTPUT_DDL)

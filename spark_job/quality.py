@@ -11,9 +11,9 @@ Definitions
   ``fraud_pattern == R``. ``precision(R) = true-positive alerts of R / alerts of R``.
 - The *injected episodes* of R: the transactions labelled R, grouped by user and ordered by event
   time, split wherever the gap between consecutive labelled events exceeds the rule's span
-  (its window length in seconds). For ``high_value`` every labelled transaction is its own
-  episode. A rule without a span splits at every gap (each transaction alone unless they share
-  a timestamp).
+  (its window length in seconds). For a rule without a span (one that judges each transaction
+  on its own, such as ``high_value``, or a rule the spans do not name) every labelled
+  transaction is its own episode.
 - An episode is *detected* if some alert of R for that user has evidence overlapping the
   episode's transaction ids.
 - An undetected episode is *pending* while it may still grow: its rule has a window and its last
@@ -45,15 +45,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fraudstream.logs import setup_logging
-from fraudstream.schemas import (
-    ALERTS_DATASET,
-    HIGH_VALUE,
-    MULTI_LOCATION,
-    PAYPAL_MICRO,
-    RULES,
-    TRANSACTIONS_DATASET,
-    VELOCITY,
-)
+from fraudstream.rules.kinds import MICROS
+from fraudstream.schemas import ALERTS_DATASET, RULES, TRANSACTIONS_DATASET
 from fraudstream.settings import DetectorSettings, load_settings, run_entry_point
 
 log = logging.getLogger(__name__)
@@ -75,12 +68,9 @@ EVIDENCE_SCHEMA = pa.schema([
 
 
 def rule_spans(settings: DetectorSettings) -> dict[str, float]:
-    """Span in seconds of each windowed rule, as the detector is configured."""
-    return {
-        VELOCITY: settings.velocity_window_seconds,
-        MULTI_LOCATION: settings.multi_location_window_seconds,
-        PAYPAL_MICRO: settings.paypal_micro_window_seconds,
-    }
+    """Span in seconds of each windowed default rule, as the detector is configured (rules
+    without a window have no span)."""
+    return {d.rule_id: d.window_us / MICROS for d in settings.default_rules() if d.windowed}
 
 
 def quality_report(
@@ -119,8 +109,7 @@ def quality_report(
     span = episodes["rule"].map(dict(spans)).astype("float64").fillna(0.0)
     age = ((pd.Timestamp(as_of) - episodes["last"]).dt.total_seconds() if as_of is not None
            else pd.Series(float("inf"), index=episodes.index))
-    pending = episodes[(episodes["rule"] != HIGH_VALUE) & (span > 0) & (age <= span)
-                       & ~episodes.index.isin(detected["episode"])]
+    pending = episodes[(span > 0) & (age <= span) & ~episodes.index.isin(detected["episode"])]
 
     seen = set(alerts["rule"].dropna()) | set(labels["fraud_pattern"])
     rules = [*RULES, *sorted(seen - set(RULES))]
@@ -150,7 +139,8 @@ def _labels(transactions: pd.DataFrame, spans: Mapping[str, float]) -> pd.DataFr
     labels["event_time"] = pd.to_datetime(labels["event_time"], utc=True)
     gap = labels.groupby(["fraud_pattern", "user_id"])["event_time"].diff().dt.total_seconds()
     span = labels["fraud_pattern"].map(dict(spans)).astype("float64").fillna(0.0)
-    starts = gap.isna() | (gap > span) | (labels["fraud_pattern"] == HIGH_VALUE)
+    # Without a span, every labelled transaction is an episode of its own.
+    starts = gap.isna() | (gap > span) | (span <= 0)
     labels["episode"] = starts.cumsum()
     return labels
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from confluent_kafka import KafkaError, Producer
 
 from fraudstream import datasets, schemas
+from fraudstream.rules.kinds import ansi_colour
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +140,14 @@ class KafkaJsonSink:
         self.producer.flush(10)
 
 
-RULE_COLOURS = {schemas.HIGH_VALUE: "31", schemas.VELOCITY: "33",
-                schemas.MULTI_LOCATION: "35", schemas.PAYPAL_MICRO: "36"}
-
-
 def format_alert_line(alert: Mapping[str, Any], colour: bool) -> str:
     detected = alert["detected_at"]
     when = schemas.format_timestamp(detected) if isinstance(detected, datetime) else str(detected)
-    rule = f"{alert['rule']:<14}"
+    version = alert.get("rule_version")
+    label = alert["rule"] if version is None else f"{alert['rule']} v{version}"
+    rule = f"{label:<18}"
     if colour:
-        rule = f"\033[{RULE_COLOURS.get(alert['rule'], '0')}m{rule}\033[0m"
+        rule = f"\033[{ansi_colour(alert['rule'])}m{rule}\033[0m"
     return (f"ALERT {when} {rule} user={alert['user_id']:<8} "
             f"amount={alert['total_amount']:>10.2f} tx={alert['transaction_count']:<3} "
             f"{alert['reason']}")

@@ -82,7 +82,8 @@ def unique_topics(broker: EmbeddedBroker, request: pytest.FixtureRequest) -> dic
     from fraudstream.topics import default_topic_specs
 
     stem = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]
-    names = {"transactions": f"tx-{stem}", "alerts": f"alerts-{stem}", "dlq": f"dlq-{stem}"}
+    names = {"transactions": f"tx-{stem}", "alerts": f"alerts-{stem}", "dlq": f"dlq-{stem}",
+             "rules": f"rules-{stem}"}
     admin = wait_for_broker(broker.client_config(), 10)
     ensure_topics(admin, default_topic_specs(3, transactions=names["transactions"],
                                              alerts=names["alerts"], dlq=names["dlq"]))
@@ -91,4 +92,5 @@ def unique_topics(broker: EmbeddedBroker, request: pytest.FixtureRequest) -> dic
         "TRANSACTIONS_TOPIC": names["transactions"],
         "ALERTS_TOPIC": names["alerts"],
         "DLQ_TOPIC": names["dlq"],
+        "RULES_TOPIC": names["rules"],
     }

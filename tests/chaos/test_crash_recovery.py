@@ -24,8 +24,9 @@ Where the kills land (timing and delays from the seeded random generator):
 
 The same finished checkpoint then serves two more checks (the detector's start-up dominates
 the cost of these tests, so they share it): replaying a written-but-uncommitted batch (the
-newest commit-log entry deleted) leaves no duplicate, and restarting with a stateful rule's
-settings changed is refused with a message naming the setting, touching nothing. The negative
+newest commit-log entry deleted) leaves no duplicate, and restarting with a setting the state
+cannot follow (retention, buckets, partitions) is refused with a message naming it, touching
+nothing. The negative
 control of the replay check is in test_commit_replay.py.
 """
 
@@ -283,9 +284,9 @@ def test_replaying_a_written_but_uncommitted_batch_leaves_no_duplicate_rows(
 
 #: (environment change, flags, the name the refusal must contain)
 INCOMPATIBLE_CHANGES: list[tuple[dict[str, str], tuple[str, ...], str]] = [
-    ({"VELOCITY_COUNT": "5"}, (), "velocity_count"),
-    ({}, ("--paypal-micro-window-seconds", "300"), "paypal_micro_window"),
-    ({"WATERMARK_SECONDS": "30"}, (), "watermark_seconds"),
+    ({"RETENTION_SECONDS": "900"}, (), "retention_seconds"),
+    ({}, ("--state-buckets", "8"), "state_buckets"),
+    ({"SHUFFLE_PARTITIONS": "4"}, (), "shuffle_partitions"),
 ]
 
 
@@ -300,9 +301,9 @@ def tree_digest(root: Path) -> str:
 
 def test_changed_stateful_settings_on_the_checkpoint_are_refused_naming_them(
         crashed: Crashed) -> None:
-    """Spark would otherwise load per-user state built under the old thresholds and apply the
-    new ones to it silently. ``tests/unit/test_checkpoint_contract.py`` covers the comparison;
-    this is the CLI path on a checkpoint the detector really wrote: exit 2, one line naming
+    """Spark would otherwise load state laid out or retained for other settings and use it
+    silently (rule thresholds are data in the state and may change).
+    ``tests/unit/test_checkpoint_contract.py`` covers the comparison; this is the CLI path on a checkpoint the detector really wrote: exit 2, one line naming
     the setting, nothing written."""
     before = (tree_digest(crashed.checkpoint), tree_digest(crashed.parquet))
     for extra_env, flags, name in INCOMPATIBLE_CHANGES:

@@ -16,8 +16,8 @@ from confluent_kafka import Producer
 from conftest import REPO_ROOT, read_topic
 
 from fraudstream import schemas
+from fraudstream.rules.oracle import expected_alerts
 from producer.generator import TransactionGenerator, encode_transaction
-from spark_job.oracle import expected_alerts
 
 BAD_RECORDS = [
     (b"{not json", schemas.INVALID_JSON),

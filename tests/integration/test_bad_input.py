@@ -31,7 +31,7 @@ from support.pipeline import (
 )
 
 from fraudstream import schemas
-from spark_job.oracle import expected_alerts
+from fraudstream.rules.oracle import expected_alerts
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 #: Event time of the good records: well in the past, so none of them is "future".

@@ -9,16 +9,21 @@ import pyarrow as pa
 import pytest
 
 from fraudstream import schemas
+from fraudstream.rules import RuleSet, default_definitions
+from fraudstream.rules.oracle import expected_alerts
 from spark_job.batch import BatchProcessor, DetectorOutputs
-from spark_job.detection_input import pack
-from spark_job.oracle import expected_alerts
+from spark_job.detection_input import (
+    DETECTION_INPUT_SCHEMA,
+    RULE_RECORD,
+    pack,
+    rule_record_text,
+)
 from spark_job.plan import balanced_bucket_keys, build_detection_plan
-from spark_job.rules import RuleConfig
 from spark_job.sinks import ListSink
 from spark_job.validation import TRANSACTION_ROW_SCHEMA, TRANSACTION_SPARK_SCHEMA
 
 BASE = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
-CONFIG = RuleConfig()
+DEFAULTS = RuleSet.of(default_definitions())
 
 
 def tx(user: str, seconds: float, *, amount: float = 20.0, location: str = "Lyon",
@@ -73,14 +78,15 @@ def alerts_from_plan(spark) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
               for part in (rows[:half], rows[half:])]
     frame = spark.createDataFrame(pa.Table.from_batches(chunks))
     alerts, dlq = ListSink(), ListSink()
-    BatchProcessor(CONFIG, DetectorOutputs(alerts=[alerts], dlq=[dlq]))(
-        build_detection_plan(frame, CONFIG, watermark_seconds=60), 0)
+    BatchProcessor(DetectorOutputs(alerts=[alerts], dlq=[dlq]))(
+        build_detection_plan(frame, initial_rules=DEFAULTS, watermark_seconds=60,
+                             horizon_seconds=600), 0)
     return alerts.records, dlq.records
 
 
 def test_plan_matches_the_oracle_exactly(alerts_from_plan) -> None:  # type: ignore[no-untyped-def]
     alerts, _ = alerts_from_plan
-    expected = {(a["rule"], a["user_id"], a["alert_id"]) for a in expected_alerts(CASES, CONFIG)}
+    expected = {(a["rule"], a["user_id"], a["alert_id"]) for a in expected_alerts(CASES)}
     assert {(a["rule"], a["user_id"], a["alert_id"]) for a in alerts} == expected
 
 
@@ -113,6 +119,45 @@ def test_rejected_rows_go_to_the_dead_letter_sinks(alerts_from_plan) -> None:  #
     _, dlq = alerts_from_plan
     assert sorted(r["reason"] for r in dlq) == [schemas.EMPTY_VALUE, schemas.INVALID_JSON]
     assert {r["source_offset"] for r in dlq} == {10_000, 10_001}
+
+
+def rule_rows(spark, records: list[tuple[str | None, bytes | None]]):  # type: ignore[no-untyped-def]
+    """Rule record rows as the source on the rules topic yields them."""
+    rows = [{**dict.fromkeys(DETECTION_INPUT_SCHEMA.fieldNames()),
+             RULE_RECORD: rule_record_text(key.encode() if key else None, value, offset)}
+            for offset, (key, value) in enumerate(records)]
+    return spark.createDataFrame(rows, DETECTION_INPUT_SCHEMA)
+
+
+def test_rule_records_reach_every_bucket_and_are_reported_once(spark) -> None:  # type: ignore[no-untyped-def]
+    """The rules stream is copied to every state bucket: a changed velocity (more than 2 in
+    60 s), an added rule of the same kind and a refused record, applied before the batch's
+    transactions; the alerts are the oracle's under those rules, and each record is reported
+    once, whatever the number of buckets."""
+    defaults = default_definitions()
+    velocity = defaults[1].changed(version=2, updated_by="test", params={
+        "count": 2, "window_seconds": 60})
+    wide = velocity.changed(version=1, updated_by="test", rule_id="velocity_wide",
+                            params={"count": 5, "window_seconds": 600})
+    records = [(d.rule_id, d.to_json().encode()) for d in defaults]
+    records += [(velocity.rule_id, velocity.to_json().encode()),
+                (wide.rule_id, wide.to_json().encode()), ("broken", b"{not json")]
+    rows = [decoded_row(r, i) for i, r in enumerate(CASES)]
+    frame = spark.createDataFrame(pa.Table.from_batches(
+        [pack(pa.Table.from_pylist(rows, schema=TRANSACTION_ROW_SCHEMA))]))
+    alerts, dlq, changes = ListSink(), ListSink(), ListSink()
+    BatchProcessor(DetectorOutputs(alerts=[alerts], dlq=[dlq], rule_changes=[changes]))(
+        build_detection_plan(frame, rules_input=rule_rows(spark, records), watermark_seconds=60,
+                             horizon_seconds=600, state_buckets=8), 0)
+    in_force = [*defaults[:1], velocity, *defaults[2:], wide]
+    expected = {(a["rule"], a["rule_version"], a["alert_id"])
+                for a in expected_alerts(CASES, in_force)}
+    assert {(a["rule"], a["rule_version"], a["alert_id"]) for a in alerts.records} == expected
+    assert any(rule == "velocity" and version == 2 for rule, version, _ in expected)
+    assert [(c["rule_id"], c["status"]) for c in changes.records] == [
+        *[(d.rule_id, "applied") for d in defaults], ("velocity", "applied"),
+        ("velocity_wide", "applied"), ("broken", "refused")]
+    assert "not valid JSON" in changes.records[-1]["reason"]
 
 
 @pytest.mark.parametrize(("buckets", "partitions"), [(32, 2), (12, 4), (5, 3)])

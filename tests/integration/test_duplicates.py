@@ -31,7 +31,7 @@ from support.pipeline import (
 
 from fraudstream import schemas
 from fraudstream.broker import EmbeddedBroker
-from spark_job.oracle import expected_alerts
+from fraudstream.rules.oracle import expected_alerts
 
 BASE = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
 

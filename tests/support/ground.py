@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from fraudstream.rules.oracle import expected_alerts
 from producer.generator import TransactionGenerator, users_needed
-from spark_job.oracle import expected_alerts
 
 SEED_ENV = "FRAUDSTREAM_CHAOS_SEED"
 DEFAULT_SEED = 20261122

@@ -132,6 +132,17 @@ class DetectorRun:
             self._log.flush()
         return code
 
+    def stop(self, timeout: float = 90) -> int:
+        """A clean stop: SIGTERM to the driver only (it stops the query and Spark itself);
+        the whole group is killed if it has not exited within ``timeout``."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_and_reap()
+            raise
+
     def kill_and_reap(self) -> None:
         """kill -9 the whole group and wait until no member is left (a restart must not meet a
         half-dead JVM still holding the checkpoint)."""
@@ -252,10 +263,11 @@ def log_heads(checkpoint_dir: Path) -> tuple[int, int]:
 
 
 def offsets_total(checkpoint_dir: Path, batch_id: int) -> int:
-    """Records up to a planned batch's end offsets, summed over partitions (the offset log
-    holds a version line, Spark's metadata, then one JSON line per source)."""
+    """Transactions up to a planned batch's end offsets, summed over partitions (the offset log
+    holds a version line, Spark's metadata, then one JSON line per source: the transactions
+    topic first, then the rules topic)."""
     lines = (checkpoint_dir / "query" / "offsets" / str(batch_id)).read_text().splitlines()
-    return sum(int(v) for v in json.loads(lines[-1]).values())
+    return sum(int(v) for v in json.loads(lines[2]).values())
 
 
 def caught_up(checkpoint_dir: Path, produced: int) -> bool:
@@ -362,7 +374,7 @@ def fresh_topics(bootstrap: str, label: str, partitions: int = 3) -> dict[str, s
 
     stem = f"{label}-{uuid.uuid4().hex[:8]}"
     names = {"TRANSACTIONS_TOPIC": f"tx-{stem}", "ALERTS_TOPIC": f"alerts-{stem}",
-             "DLQ_TOPIC": f"dlq-{stem}"}
+             "DLQ_TOPIC": f"dlq-{stem}", "RULES_TOPIC": f"rules-{stem}"}
     admin = wait_for_broker({"bootstrap.servers": bootstrap}, 30)
     ensure_topics(admin, default_topic_specs(partitions, transactions=names["TRANSACTIONS_TOPIC"],
                                              alerts=names["ALERTS_TOPIC"],

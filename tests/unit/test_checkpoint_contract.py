@@ -1,4 +1,4 @@
-"""Start-up refuses a checkpoint whose state was built with other rule settings."""
+"""Start-up refuses a checkpoint whose state was built with settings it cannot follow."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 
 from fraudstream.settings import DetectorSettings, SettingsError, load_settings
 from spark_job.app import check_checkpoint, explain_failure
-from spark_job.rules import RuleConfig
 
 
 def settings_for(tmp_path: Path, *flags: str) -> DetectorSettings:
@@ -18,18 +17,30 @@ def settings_for(tmp_path: Path, *flags: str) -> DetectorSettings:
 
 def test_same_settings_reuse_the_checkpoint(tmp_path: Path) -> None:
     first = settings_for(tmp_path)
-    check_checkpoint(first, RuleConfig.from_settings(first))
-    check_checkpoint(first, RuleConfig.from_settings(first))  # no error the second time
+    check_checkpoint(first)
+    check_checkpoint(first)  # no error the second time
 
 
-def test_changed_window_is_refused_with_the_setting_named(tmp_path: Path) -> None:
-    first = settings_for(tmp_path)
-    check_checkpoint(first, RuleConfig.from_settings(first))
-    changed = settings_for(tmp_path, "--velocity-window-seconds", "90")
+def test_rule_parameters_and_the_watermark_may_change_under_a_checkpoint(tmp_path: Path) -> None:
+    """Rules are data in the state: new default parameters or a new watermark delay reuse it."""
+    check_checkpoint(settings_for(tmp_path))
+    check_checkpoint(settings_for(tmp_path, "--velocity-count", "5",
+                                  "--velocity-window-seconds", "90", "--watermark-seconds", "30"))
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (("--retention-seconds", "900"), "retention_seconds: 600.0 -> 900.0"),
+    (("--state-buckets", "8"), "state_buckets: 32 -> 8"),
+    (("--shuffle-partitions", "4"), "shuffle_partitions: 2 -> 4"),
+    (("--rules-topic", "other-rules"), "rules_topic: fraud-rules -> other-rules"),
+])
+def test_what_the_state_cannot_follow_is_refused_with_the_setting_named(
+        tmp_path: Path, flags: tuple[str, ...], named: str) -> None:
+    check_checkpoint(settings_for(tmp_path))
     with pytest.raises(SettingsError) as error:
-        check_checkpoint(changed, RuleConfig.from_settings(changed))
+        check_checkpoint(settings_for(tmp_path, *flags))
     assert error.value.key == "CHECKPOINT_DIR"
-    assert "velocity_window_us: 60000000 -> 90000000" in error.value.message
+    assert named in error.value.message
 
 
 def test_a_source_failure_is_explained_by_the_source_message_not_sparks_wrapper() -> None:

@@ -11,7 +11,6 @@ import pytest
 
 from consumer.render import (
     RESET,
-    RULE_COLOURS,
     MalformedAlert,
     SeenIds,
     clean,
@@ -21,8 +20,10 @@ from consumer.render import (
     json_line,
     matches,
     parse_alert,
+    rule_colour,
     use_color,
 )
+from fraudstream.rules.kinds import KINDS, ansi_colour
 from fraudstream.schemas import (
     ALERT_FIELDS,
     HIGH_VALUE,
@@ -39,7 +40,7 @@ ANSI = re.compile(r"\033\[[0-9;]*m")
 def make_alert(rule: str = VELOCITY, user: str = "u0042", **overrides: Any) -> dict[str, Any]:
     ids = [f"{user}-{rule}-{i}" for i in range(4)]
     alert = {
-        "alert_id": alert_id(rule, user, ids), "rule": rule, "user_id": user,
+        "alert_id": alert_id(rule, user, ids), "rule": rule, "rule_version": 1, "user_id": user,
         "window_start": "2026-11-22T10:15:02.000Z", "window_end": "2026-11-22T10:15:41.000Z",
         "transaction_count": 4, "total_amount": 311.2, "locations": ["Lyon"],
         "transaction_ids": ids, "reason": "4 transactions within 60 s (limit 3)",
@@ -69,35 +70,52 @@ def test_parse_accepts_a_contract_alert() -> None:
     (json.dumps(make_alert(total_amount=True)).encode(), "'total_amount' has the wrong type"),
     (json.dumps(make_alert(transaction_count=4.0)).encode(), "'transaction_count'"),
     (json.dumps(make_alert(user_id=42)).encode(), "'user_id' has the wrong type"),
+    (json.dumps(make_alert(rule_version="2")).encode(), "'rule_version' has the wrong type"),
+    (json.dumps(make_alert(rule_version=True)).encode(), "'rule_version' has the wrong type"),
 ])
 def test_parse_rejects_malformed_records(raw: bytes | None, words: str) -> None:
     with pytest.raises(MalformedAlert, match=re.escape(words)):
         parse_alert(raw)
 
 
-def test_line_holds_time_rule_user_amount_count_and_reason() -> None:
-    line = format_alert(make_alert(total_amount=1234.5), color=False)
-    assert line == ("2026-11-22T10:15:42.310Z  velocity        user u0042     amount    1234.50"
+def test_line_holds_time_rule_version_user_amount_count_and_reason() -> None:
+    line = format_alert(make_alert(total_amount=1234.5, rule_version=2), color=False)
+    assert line == ("2026-11-22T10:15:42.310Z  velocity v2         user u0042     amount    1234.50"
                     "    4 tx  4 transactions within 60 s (limit 3)")
     assert "\033" not in line
+
+
+def test_an_alert_without_a_version_is_still_shown() -> None:
+    alert = make_alert()
+    del alert["rule_version"]  # written before rules were versioned
+    parsed = parse_alert(json.dumps(alert))
+    line = format_alert(parsed, color=False)
+    assert line.startswith("2026-11-22T10:15:42.310Z  velocity            user u0042 ")
+    assert "velocity" in format_alert(make_alert(rule_version=None), color=False)
 
 
 def test_integer_amount_is_shown_with_cents() -> None:
     assert "amount      12.00" in format_alert(make_alert(total_amount=12), color=False)
 
 
-def test_colour_marks_each_rule_differently_and_resets() -> None:
+def test_colour_marks_each_default_rule_in_its_kinds_colour_and_resets() -> None:
     lines = {rule: format_alert(make_alert(rule), color=True) for rule in RULES}
-    assert len(set(RULE_COLOURS.values())) == len(RULES)
+    assert len({rule_colour(rule) for rule in RULES}) == len(RULES)
     for rule, line in lines.items():
-        assert RULE_COLOURS[rule] in line
+        assert rule_colour(rule) == f"\033[{KINDS[rule].ansi}m"
+        assert rule_colour(rule) in line
         assert line.count(RESET) >= 2
         assert ANSI.sub("", line) == format_alert(make_alert(rule), color=False)
 
 
-def test_unknown_rule_is_shown_plainly() -> None:
-    line = format_alert(make_alert("brand_new"), color=True)
-    assert "brand_new" in line and not any(code in line for code in RULE_COLOURS.values())
+@pytest.mark.parametrize("rule", ["velocity_10m", "brand_new", "night.high-value"])
+def test_any_rule_id_gets_a_stable_kind_colour_and_its_version(rule: str) -> None:
+    line = format_alert(make_alert(rule, rule_version=3), color=True)
+    code = ansi_colour(rule)
+    assert code in {kind.ansi for kind in KINDS.values()}
+    assert code == ansi_colour(rule), "the same id always gets the same colour"
+    assert f"\033[{code}m" in line
+    assert f"{rule} v3" in ANSI.sub("", line)
 
 
 def test_control_characters_from_the_topic_are_neutralised() -> None:
@@ -133,7 +151,8 @@ def test_totals_list_every_rule() -> None:
                     "duplicates skipped: 1; malformed: 3")
     coloured = format_totals({MULTI_LOCATION: 1, "new_rule": 2}, duplicates=0, malformed=0,
                              color=True)
-    assert RULE_COLOURS[MULTI_LOCATION] in coloured
+    assert rule_colour(MULTI_LOCATION) in coloured
+    assert rule_colour("new_rule") + "new_rule=2" in coloured
     assert "new_rule=2" in ANSI.sub("", coloured)
     assert ANSI.sub("", coloured).startswith("alerts shown: 3 ")
 

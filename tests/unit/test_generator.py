@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fraudstream.rules import default_definitions
 from fraudstream.schemas import (
     HIGH_VALUE,
     MULTI_LOCATION,
@@ -321,19 +322,35 @@ def test_clock_stepping_back_does_not_break_spacing() -> None:
     assert all(not ids for ids in participants(events).values())
 
 
-def test_rule_constants_match_the_detector_defaults() -> None:
-    defaults = {f.name: f.default for f in dataclasses.fields(DetectorSettings)}
+def test_rule_constants_are_the_default_rules_parameters() -> None:
+    """The generator's guarantees, and the reference detector above, are built on the default
+    rules (multi_location episodes are built for two places)."""
+    defaults = {d.rule_id: dict(d.params) for d in default_definitions()}
     built_on = {
-        "high_value_amount": gen.HIGH_VALUE_AMOUNT,
-        "velocity_count": gen.VELOCITY_COUNT,
-        "velocity_window_seconds": gen.VELOCITY_WINDOW_MS / 1000,
-        "multi_location_count": 2,
-        "multi_location_window_seconds": gen.MULTI_LOCATION_WINDOW_MS / 1000,
-        "paypal_micro_count": gen.PAYPAL_MICRO_COUNT,
-        "paypal_micro_amount": gen.PAYPAL_MICRO_AMOUNT,
-        "paypal_micro_window_seconds": gen.PAYPAL_MICRO_WINDOW_MS / 1000,
+        HIGH_VALUE: {"amount": gen.HIGH_VALUE_AMOUNT},
+        VELOCITY: {"count": gen.VELOCITY_COUNT,
+                   "window_seconds": gen.VELOCITY_WINDOW_MS / 1000},
+        MULTI_LOCATION: {"count": 2, "window_seconds": gen.MULTI_LOCATION_WINDOW_MS / 1000},
+        PAYPAL_MICRO: {"count": gen.PAYPAL_MICRO_COUNT, "amount": gen.PAYPAL_MICRO_AMOUNT,
+                       "window_seconds": gen.PAYPAL_MICRO_WINDOW_MS / 1000},
     }
-    assert {name: defaults[name] for name in built_on} == built_on
+    assert built_on == defaults
+    limits = Limits()
+    reference = {
+        HIGH_VALUE: {"amount": limits.high_value},
+        VELOCITY: {"count": limits.velocity_count, "window_seconds": limits.velocity_ms / 1000},
+        MULTI_LOCATION: {"count": limits.location_count,
+                         "window_seconds": limits.location_ms / 1000},
+        PAYPAL_MICRO: {"count": limits.micro_count, "amount": limits.micro_amount,
+                       "window_seconds": limits.micro_ms / 1000},
+    }
+    assert reference == defaults
+    settings = {f.name: f.default for f in dataclasses.fields(DetectorSettings)}
+    assert {rule: {name: settings[f"{rule}_{name}"] for name in params}
+            for rule, params in defaults.items()} == defaults
+    for value in (gen.VELOCITY_WINDOW_MS, gen.MULTI_LOCATION_WINDOW_MS, gen.PAYPAL_MICRO_WINDOW_MS,
+                 gen.NORMAL_MIN_GAP_MS, gen.ISOLATION_MS):
+        assert type(value) is int, "event times are whole milliseconds"
 
 
 def test_cities_table_is_complete_and_plausible() -> None:

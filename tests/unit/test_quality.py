@@ -23,6 +23,7 @@ from fraudstream.schemas import (
     VELOCITY,
     alert_id,
 )
+from fraudstream.settings import DetectorSettings, load_settings
 from spark_job.quality import (
     EVIDENCE_SCHEMA,
     LABEL_SCHEMA,
@@ -34,6 +35,7 @@ from spark_job.quality import (
     quality_report,
     read_dataset,
     report_records,
+    rule_spans,
 )
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -142,6 +144,25 @@ def test_a_rule_outside_the_contract_is_reported_after_the_four() -> None:
     report = quality_report(*frames(txs, [alert("new_rule", "u1", ["x1"])]), SPANS)
     assert list(report.index) == [*RULES, "new_rule"]
     assert report.loc["new_rule", ["precision", "recall"]].tolist() == [1.0, 1.0]
+
+
+def test_spans_are_the_windows_of_the_configured_default_rules() -> None:
+    settings, _ = load_settings(DetectorSettings, [], {})
+    assert rule_spans(settings) == SPANS  # high_value has no window, so no span
+    wider, _ = load_settings(DetectorSettings, ["--velocity-window-seconds", "90.5"], {})
+    assert rule_spans(wider)[VELOCITY] == 90.5
+
+
+def test_a_windowed_rule_of_any_id_splits_and_waits_by_its_own_span() -> None:
+    spans = {**SPANS, "velocity_10m": 600.0}
+    txs = [tx("a", "u1", 0, "velocity_10m"), tx("b", "u1", 500, "velocity_10m"),  # one episode
+           tx("c", "u1", 1200, "velocity_10m")]  # 700 s later: a new one, still pending
+    report = quality_report(*frames(txs, [alert("velocity_10m", "u1", ["a", "b"])]), spans)
+    row = report.loc["velocity_10m"]
+    assert row[["episodes", "detected_episodes", "pending_episodes"]].tolist() == [2, 1, 1]
+    # Without a span every labelled transaction is its own episode and none is pending.
+    bare = quality_report(*frames(txs, []), SPANS).loc["velocity_10m"]
+    assert bare[["episodes", "pending_episodes"]].tolist() == [3, 0]
 
 
 # --- Parquet history and CLI -----------------------------------------------------------------

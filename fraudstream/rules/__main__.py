@@ -1,0 +1,5 @@
+"""``python -m fraudstream.rules``: see ``fraudstream.rules.cli``."""
+
+from fraudstream.rules.cli import main
+
+main()
