@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create the pipeline's three topics on the compose Kafka, then exit 0 (the kafka-init service).
+# Create the pipeline's topics on the compose Kafka, then exit 0 (the kafka-init service).
 # Runs inside the apache/kafka image; idempotent (--if-not-exists), so restarts are harmless.
 # Topic names and the partition count come from the same variables the services read;
 # the defaults are the contract's names (fraudstream/topics.py).
@@ -25,6 +25,13 @@ for topic in "${wanted[@]}"; do
   "$topics_bin" --bootstrap-server "$bootstrap" --create --if-not-exists \
     --topic "$topic" --partitions "$partitions" --replication-factor "$replication"
 done
+# Rule definitions: one partition (changes apply in the order published), compacted (the newest
+# definition per rule_id is the rule). The detector publishes the defaults when it is empty.
+rules_topic="${RULES_TOPIC:-fraud-rules}"
+"$topics_bin" --bootstrap-server "$bootstrap" --create --if-not-exists \
+  --topic "$rules_topic" --partitions 1 --replication-factor "$replication" \
+  --config cleanup.policy=compact
+wanted+=("$rules_topic")
 
 echo "kafka-init: topics on $bootstrap:"
 "$topics_bin" --bootstrap-server "$bootstrap" --describe --topic "$(IFS='|'; echo "${wanted[*]}")" \

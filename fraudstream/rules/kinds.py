@@ -17,11 +17,12 @@ Two families:
     only spans that line up with window boundaries. The condition is evaluated over the span
     that ends at each transaction, inclusive at both ends::
 
-        velocity, count 3, window 60 s          t=0   t=20  t=40  t=60  t=61
+        velocity, count 3, window 60 s          t=0   t=10  t=20  t=30  t=50
         transactions of one user:                a     b     c     d     e
-        span ending at d  = [0 s, 60 s]:         a  b  c  d   -> 4 > 3: holds
-        span ending at e  = [1 s, 61 s]:            b  c  d  e -> 4 > 3: still holds
-        one episode (d..e and beyond until the span drops to 3) -> one alert, evidence a..d
+        span ending at d  = [-30 s, 30 s]:       a  b  c  d       -> 4 > 3: holds
+        span ending at e  = [-10 s, 50 s]:       a  b  c  d  e    -> 5 > 3: holds
+        the condition holds from 30 s until b leaves at 70 s: one episode, one alert
+        (evidence a..d); a payment at 75 s would find only c, d and itself: quiet again
 
     ``holds_until`` answers "if nothing else arrives, until which instant does the condition
     keep holding?", which is what merges overlapping spans into one episode (see

@@ -253,18 +253,22 @@ def _recording_kafka_topics(tmp_path: Path) -> tuple[Path, Path]:
     return tool, record
 
 
-def test_kafka_init_creates_the_three_contract_topics(tmp_path: Path) -> None:
+def test_kafka_init_creates_the_contract_topics(tmp_path: Path) -> None:
     tool, record = _recording_kafka_topics(tmp_path)
     env = clean_env(KAFKA_TOPICS_BIN=str(tool), KAFKA_BOOTSTRAP_SERVERS="kafka:29092")
     result = run(["bash", str(REPO / "docker" / "kafka-init.sh")], tmp_path, env)
     assert result.returncode == 0, result.stderr
     creates = [line.split() for line in record.read_text().splitlines() if "--create" in line]
     created = {args[args.index("--topic") + 1]: args for args in creates}
-    assert set(created) == {topics.TRANSACTIONS, topics.ALERTS, topics.DLQ}
-    for args in created.values():
+    assert set(created) == {topics.TRANSACTIONS, topics.ALERTS, topics.DLQ, topics.RULES}
+    rules = created.pop(topics.RULES)
+    assert rules[rules.index("--partitions") + 1] == "1"
+    assert rules[rules.index("--config") + 1] == "cleanup.policy=compact"
+    for args in [*created.values(), rules]:
         assert "--if-not-exists" in args
-        assert args[args.index("--partitions") + 1] == str(topics.DEFAULT_TRANSACTIONS_PARTITIONS)
         assert args[args.index("--bootstrap-server") + 1] == "kafka:29092"
+    for args in created.values():
+        assert args[args.index("--partitions") + 1] == str(topics.DEFAULT_TRANSACTIONS_PARTITIONS)
 
 
 def test_kafka_init_honours_partitions_and_rejects_nonsense(tmp_path: Path) -> None:
@@ -272,7 +276,7 @@ def test_kafka_init_honours_partitions_and_rejects_nonsense(tmp_path: Path) -> N
     env = clean_env(KAFKA_TOPICS_BIN=str(tool), TRANSACTIONS_PARTITIONS="6")
     assert run(["bash", str(REPO / "docker" / "kafka-init.sh")], tmp_path, env).returncode == 0
     creates = [line.split() for line in record.read_text().splitlines() if "--create" in line]
-    assert [a[a.index("--partitions") + 1] for a in creates] == ["6", "6", "6"]
+    assert [a[a.index("--partitions") + 1] for a in creates] == ["6", "6", "6", "1"]
     env["TRANSACTIONS_PARTITIONS"] = "zero"
     result = run(["bash", str(REPO / "docker" / "kafka-init.sh")], tmp_path, env)
     assert result.returncode == 2
