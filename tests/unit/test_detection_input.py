@@ -14,8 +14,11 @@ from spark_job.detection_input import (
     DETECTION_INPUT_ARROW_SCHEMA,
     DETECTION_INPUT_DECODER,
     RULE_COLUMNS,
+    RULE_RECORD,
+    RULE_RECORD_DECODER,
     detection_input_decoder,
     pack,
+    read_rule_record,
     unpack,
 )
 from spark_job.kafka_source import RawBatch, load_decoder
@@ -83,4 +86,20 @@ def test_the_source_builds_the_decoder_from_its_option_and_limits() -> None:
     archived = unpack([batch.column(ARCHIVE)[-1].as_py()])
     assert archived.column("error_reason").to_pylist() == [schemas.VALUE_TOO_LARGE]
     assert batch.num_rows == 1
-    assert list(RULE_COLUMNS) == DETECTION_INPUT_ARROW_SCHEMA.names[:-1]
+    assert [*RULE_COLUMNS, ARCHIVE, RULE_RECORD] == DETECTION_INPUT_ARROW_SCHEMA.names
+
+
+def test_rules_topic_records_become_rule_record_rows_valid_or_not() -> None:
+    """Every record of the rules topic is passed on (the state step judges it), with its key,
+    its value as text (invalid UTF-8 replaced) and its offset; a deletion keeps its null."""
+    decoder = load_decoder(RULE_RECORD_DECODER, {})
+    batch = decoder.decode(RawBatch("fraud-rules", 0, [b"velocity", b"gone", b"bad"],
+                                    [b'{"rule_id": "velocity"}', None, b"\xff{"], [7, 8, 9],
+                                    [0, 0, 0]))
+    assert batch.schema.equals(DETECTION_INPUT_ARROW_SCHEMA)
+    assert batch.column(ARCHIVE).null_count == 3 and batch.column("event_time").null_count == 3
+    records = [read_rule_record(cell) for cell in batch.column(RULE_RECORD).to_pylist()]
+    assert records == [("velocity", '{"rule_id": "velocity"}', 7), ("gone", None, 8),
+                       ("bad", "\ufffd{", 9)]
+    assert pack(TransactionDecoder(ValidationLimits()).decode(raw(VALUES))).column(
+        RULE_RECORD).null_count == 3, "transaction rows carry no rule record"
