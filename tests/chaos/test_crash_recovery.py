@@ -303,8 +303,9 @@ def test_changed_stateful_settings_on_the_checkpoint_are_refused_naming_them(
         crashed: Crashed) -> None:
     """Spark would otherwise load state laid out or retained for other settings and use it
     silently (rule thresholds are data in the state and may change).
-    ``tests/unit/test_checkpoint_contract.py`` covers the comparison; this is the CLI path on a checkpoint the detector really wrote: exit 2, one line naming
-    the setting, nothing written."""
+    ``tests/unit/test_checkpoint_contract.py`` covers the comparison; this is the CLI path on
+    a checkpoint the detector really wrote: exit 2, one line naming the setting, nothing
+    written."""
     before = (tree_digest(crashed.checkpoint), tree_digest(crashed.parquet))
     for extra_env, flags, name in INCOMPATIBLE_CHANGES:
         code, output = run_detector({**crashed.env, **extra_env}, crashed.log, "--available-now",
