@@ -9,9 +9,12 @@ import os
 import streamlit as st
 
 from dashboard.cli import ARGS_ENV
-from dashboard.data.resources import DashboardContext, set_context
+from dashboard.data.resources import ANALYST_KEY, DashboardContext, set_context
 from fraudstream.settings import DashboardSettings, DetectorSettings, SettingsError, load_settings
 from spark_job.quality import rule_spans
+
+#: The analyst's name when the sidebar field is left as it starts (shared machines, kiosks).
+ANALYST_ENV = "FRAUDSTREAM_ANALYST"
 
 
 def load_context() -> DashboardContext:
@@ -35,6 +38,11 @@ except SettingsError as exc:
 set_context(context)
 
 with st.sidebar:
+    # persist_state="session": without it Streamlit forgets the name on every page switch.
+    st.text_input("Analyst", value=os.environ.get(ANALYST_ENV, ""), key=ANALYST_KEY,
+                  persist_state="session", placeholder="your name",
+                  help=f"Recorded as updated_by on every rule change you publish "
+                       f"(default: the environment variable `{ANALYST_ENV}`).")
     st.text(f"Kafka: {context.settings.bootstrap_servers}\n"
             f"Parquet: {context.settings.parquet_dir}\n"
             f"Refresh: every {context.settings.refresh_seconds:g} s")
@@ -44,6 +52,7 @@ navigation = st.navigation([
             default=True),
     st.Page("pages/overview.py", title="Overview", icon=":material/monitoring:"),
     st.Page("pages/quality.py", title="Detection quality", icon=":material/target:"),
+    st.Page("pages/rules.py", title="Rules", icon=":material/rule:"),
     st.Page("pages/topics.py", title="Topics", icon=":material/topic:"),
 ])
 navigation.run()

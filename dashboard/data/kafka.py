@@ -40,13 +40,13 @@ log = logging.getLogger(__name__)
 _TIMESTAMP_FIELDS = ("window_start", "window_end", "detected_at")
 #: librdkafka settings for the dashboard's short-lived and tailing clients: quiet reconnects
 #: (the page shows the state; the log would otherwise get a line per attempt) and no commits.
-_QUIET = {"log_level": 2, "log.connection.close": False, "reconnect.backoff.ms": 500,
-          "reconnect.backoff.max.ms": 10_000}
+QUIET = {"log_level": 2, "log.connection.close": False, "reconnect.backoff.ms": 500,
+         "reconnect.backoff.max.ms": 10_000}
 
 
 def _consumer(client_config: Mapping[str, str], **extra: Any) -> Consumer:
     return Consumer({
-        **client_config, **_QUIET, "group.id": f"fraudstream-dashboard-{uuid.uuid4().hex[:12]}",
+        **client_config, **QUIET, "group.id": f"fraudstream-dashboard-{uuid.uuid4().hex[:12]}",
         "enable.auto.commit": False, "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest", **extra,
     })
@@ -76,6 +76,10 @@ def decode_alert(raw: bytes | str | None) -> dict[str, Any] | None:
         for name in ("locations", "transaction_ids"):
             row[name] = [str(item) for item in row[name] or []]
         row["reason"] = None if row["reason"] is None else str(row["reason"])
+        # Tolerated, not required: alerts published before rules had versions carry none.
+        version = row["rule_version"]
+        whole = isinstance(version, int) and not isinstance(version, bool)
+        row["rule_version"] = version if whole and 0 < version < 2**63 else None
         return row
     except (ValueError, TypeError):
         return None
@@ -250,7 +254,7 @@ def topics_view(client_config: Mapping[str, str], timeout: float = 5.0) -> Topic
 
 def _groups(client_config: Mapping[str, str], partitions: pd.DataFrame, timeout: float
             ) -> tuple[pd.DataFrame, list[str]]:
-    admin = AdminClient({**client_config, **_QUIET})
+    admin = AdminClient({**client_config, **QUIET})
     latest = {(t, p): h for t, p, h in
               partitions[["topic", "partition", "latest"]].itertuples(index=False)}
     errors: list[str] = []

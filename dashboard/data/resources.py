@@ -19,6 +19,7 @@ import streamlit as st
 from dashboard.data.kafka import AlertTail, TailStatus
 from dashboard.data.metrics import MetricsSnapshot, MetricsTail
 from dashboard.data.parquet import DLQ_VIEW_SCHEMA, TRANSACTION_VIEW_SCHEMA, DatasetCache
+from dashboard.data.rules import RulesStore
 from dashboard.data.views import count_by_rule, merge_alerts
 from fraudstream.datasets import ALERTS_SCHEMA
 from fraudstream.schemas import ALERTS_DATASET, DLQ_DATASET, TRANSACTIONS_DATASET, utc_now
@@ -26,6 +27,8 @@ from fraudstream.settings import DashboardSettings
 from spark_job.quality import quality_report
 
 _CONTEXT_KEY = "fraudstream.dashboard.context"
+#: Session-state key of the analyst's name (the sidebar input); recorded on every rule change.
+ANALYST_KEY = "fraudstream.analyst"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,12 @@ def _tail(client_config: tuple[tuple[str, str], ...], topic: str, max_alerts: in
     return AlertTail(dict(client_config), topic, max_alerts)
 
 
+@st.cache_resource(show_spinner=False)
+def _rules(client_config: tuple[tuple[str, str], ...], topic: str, root: str,
+           retention_seconds: float, max_age: float) -> RulesStore:
+    return RulesStore(dict(client_config), topic, root, retention_seconds, max_age=max_age)
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _newest(root: str, version: int, limit: int, _table: pa.Table) -> pd.DataFrame:
     """The newest ``limit`` alerts of the history as pandas, converted once per version."""
@@ -85,6 +94,19 @@ def transactions(context: DashboardContext) -> tuple[pa.Table, int]:
 def dlq_rows(context: DashboardContext) -> int:
     root = str(context.settings.parquet_dir)
     return _dataset(root, DLQ_DATASET, DLQ_VIEW_SCHEMA).refresh()[0].num_rows
+
+
+def rules(context: DashboardContext) -> RulesStore:
+    """The rules topic of these settings: one store (and one cached read) per process."""
+    settings = context.settings
+    return _rules(tuple(sorted(settings.client_config().items())), settings.rules_topic,
+                  str(settings.parquet_dir), settings.retention_seconds,
+                  settings.refresh_seconds)
+
+
+def analyst() -> str:
+    """The name this session entered as analyst (blank if none)."""
+    return str(st.session_state.get(ANALYST_KEY) or "").strip()
 
 
 def metrics(context: DashboardContext) -> MetricsSnapshot:

@@ -28,8 +28,8 @@ TIME_RANGES: Mapping[str, timedelta | None] = {
 #: Bucket widths for "alerts over time", the first giving at most ~MAX_BUCKETS bars.
 BUCKETS = ("1s", "5s", "10s", "30s", "1min", "5min", "15min", "1h", "6h", "1D")
 MAX_BUCKETS = 90
-TABLE_COLUMNS = ("detected_at", "rule", "user_id", "transaction_count", "total_amount",
-                 "locations", "reason", "window_start", "window_end", "alert_id")
+TABLE_COLUMNS = ("detected_at", "rule", "rule_version", "user_id", "transaction_count",
+                 "total_amount", "locations", "reason", "window_start", "window_end", "alert_id")
 
 
 def merge_alerts(history: pd.DataFrame, live: pd.DataFrame, limit: int) -> pd.DataFrame:
@@ -76,8 +76,10 @@ def filter_alerts(alerts: pd.DataFrame, rules: Sequence[str], user: str,
 
 def alert_table(alerts: pd.DataFrame) -> pd.DataFrame:
     """The alert columns people read, with lists joined into text."""
-    table = alerts.loc[:, list(TABLE_COLUMNS)].copy()
+    table = alerts.reindex(columns=list(TABLE_COLUMNS))
     table["locations"] = table["locations"].map(_join)
+    # Alerts written before rules had versions have none: shown empty, not as NaN or 0.
+    table["rule_version"] = pd.to_numeric(table["rule_version"], errors="coerce").astype("Int64")
     return table
 
 
@@ -89,7 +91,23 @@ def alert_label(alert: Mapping[str, object]) -> str:
     """One line naming an alert, for pickers."""
     detected = alert["detected_at"]
     when = detected.strftime("%Y-%m-%d %H:%M:%S") if isinstance(detected, datetime) else "?"
-    return f"{when} · {alert['rule']} · {alert['user_id']} · {str(alert['alert_id'])[:8]}"
+    version = rule_version(alert.get("rule_version"))
+    rule = f"{alert['rule']} v{version}" if version is not None else alert["rule"]
+    return f"{when} · {rule} · {alert['user_id']} · {str(alert['alert_id'])[:8]}"
+
+
+def rule_version(value: object) -> int | None:
+    """An alert's ``rule_version`` as an int; None where the alert has none (alerts from before
+    rules had versions, read from older Parquet files, come back as null or NaN)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def alert_record(alert: Mapping[str, object]) -> dict[str, object]:
@@ -105,6 +123,8 @@ def alert_record(alert: Mapping[str, object]) -> dict[str, object]:
             value = value.item()
         elif value is pd.NaT:
             value = None
+        if name == "rule_version":
+            value = rule_version(value)
         record[name] = value
     return record
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -27,12 +27,8 @@ from dashboard.data.views import (
     latency_over_time,
     top_users,
 )
-from fraudstream.schemas import HIGH_VALUE, MULTI_LOCATION, PAYPAL_MICRO, VELOCITY
+from fraudstream.rules.kinds import hex_colour
 
-RULE_COLOURS: Mapping[str, str] = {
-    HIGH_VALUE: "#d62728", VELOCITY: "#ff7f0e", MULTI_LOCATION: "#1f77b4",
-    PAYPAL_MICRO: "#9467bd",
-}
 _CHART_HEIGHT = 320
 
 
@@ -45,6 +41,13 @@ def code_span(text: str) -> str:
 
 def plot_text(values: pd.Series) -> pd.Series:
     return values.astype(str).map(html.escape)
+
+
+def rule_colours(rules: Iterable[object]) -> dict[str, str]:
+    """Plotly's colour map for these rule ids, keyed as ``plot_text`` shows them: every rule id
+    gets its colour from the rule core, so a chart, the console and the Rules page agree and a
+    rule added at run time is coloured too."""
+    return {html.escape(str(rule)): hex_colour(str(rule)) for rule in set(rules)}
 
 
 def kafka_banner(status: TailStatus) -> None:
@@ -120,9 +123,10 @@ def alerts_over_time_figure(alerts: pd.DataFrame) -> go.Figure:
     data = alerts_over_time(alerts)
     if data.empty:
         return _empty(title, "no alerts yet")
+    colours = rule_colours(data["rule"])
     data["rule"] = plot_text(data["rule"])
     figure = px.bar(data, x="bucket", y="alerts", color="rule",
-                    color_discrete_map=RULE_COLOURS,
+                    color_discrete_map=colours,
                     labels={"bucket": "detected at (UTC)", "alerts": "alerts"})
     figure.update_layout(barmode="stack")
     return _layout(figure, title)
@@ -133,8 +137,9 @@ def alerts_by_rule_figure(counts: pd.Series) -> go.Figure:
     if counts.empty:
         return _empty(title, "no alerts yet")
     data = counts.rename("alerts").rename_axis("rule").reset_index()
+    colours = rule_colours(data["rule"])
     data["rule"] = plot_text(data["rule"])
-    figure = px.bar(data, x="rule", y="alerts", color="rule", color_discrete_map=RULE_COLOURS)
+    figure = px.bar(data, x="rule", y="alerts", color="rule", color_discrete_map=colours)
     figure.update_layout(showlegend=False)
     return _layout(figure, title)
 

@@ -76,6 +76,8 @@ def live() -> None:
                  column_config={
                      "detected_at": st.column_config.DatetimeColumn(
                          "detected at", format="YYYY-MM-DD HH:mm:ss"),
+                     "rule_version": st.column_config.NumberColumn(
+                         "version", format="%d", help="version of the rule that fired"),
                      "user_id": st.column_config.TextColumn("user"),
                      "transaction_count": st.column_config.NumberColumn("txs"),
                      "total_amount": st.column_config.NumberColumn("total", format="%.2f"),

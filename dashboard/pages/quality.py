@@ -7,7 +7,8 @@ import plotly.express as px
 import streamlit as st
 
 from dashboard.data import resources
-from dashboard.pages._charts import RULE_COLOURS, chart, plot_text
+from dashboard.pages._charts import chart, plot_text
+from fraudstream.rules.kinds import hex_colour
 from spark_job.quality import format_ratio
 
 context = resources.get_context()
@@ -40,8 +41,8 @@ else:
     long["rule"] = plot_text(long["rule"])
     figure = px.bar(long, x="rule", y="value", color="measure", barmode="group",
                     range_y=[0, 1.05], labels={"value": ""}, title="Precision and recall",
-                    color_discrete_sequence=[RULE_COLOURS["velocity"],
-                                             RULE_COLOURS["multi_location"]])
+                    color_discrete_sequence=[hex_colour("velocity"),
+                                             hex_colour("multi_location")])
     figure.update_yaxes(tickformat=".0%")
     chart(figure)
 

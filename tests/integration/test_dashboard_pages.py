@@ -1,6 +1,7 @@
 """Every dashboard page through Streamlit's AppTest, over a Parquet history + metrics file
 written like the detector writes them, with the real embedded broker (and once with an
-unreachable address: the pages must say so and keep showing the history)."""
+unreachable address: the pages must say so and keep showing the history). The Rules page runs
+against a rules topic of its own per test, read back with the rule core's ``RulesTopic``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,19 @@ from dashboard.cli import main as cli_main
 from dashboard.cli import streamlit_command
 from dashboard.data.metrics import MetricsTail
 from dashboard.data.parquet import DatasetCache
+from dashboard.data.resources import ANALYST_KEY
 from dashboard.data.views import alerts_over_time, amount_distribution, count_by_rule
 from fraudstream.broker import EmbeddedBroker, free_port
-from fraudstream.datasets import ALERTS_SCHEMA, DLQ_SCHEMA, TRANSACTIONS_SCHEMA
+from fraudstream.datasets import (
+    ALERTS_SCHEMA,
+    DLQ_SCHEMA,
+    RULE_CHANGES_SCHEMA,
+    TRANSACTIONS_SCHEMA,
+)
 from fraudstream.kafka import ensure_topics, wait_for_broker
+from fraudstream.rules import MICROS, RuleDefinition, default_definitions
+from fraudstream.rules.definition import DEFAULTS_AUTHOR
+from fraudstream.rules.store import RulesTopic
 from fraudstream.schemas import (
     ALERTS_DATASET,
     DLQ_DATASET,
@@ -35,6 +46,8 @@ from fraudstream.schemas import (
     METRICS_FILE_NAME,
     METRICS_FOLDER,
     MULTI_LOCATION,
+    PAYPAL_MICRO,
+    RULE_CHANGES_DATASET,
     TRANSACTIONS_DATASET,
     VELOCITY,
     alert_id,
@@ -58,11 +71,12 @@ def transaction(tid: str, user: str, seconds_ago: float, amount: float, location
             "offset": 0, "kafka_timestamp": moment}
 
 
-def make_alert(rule: str, evidence: list[dict[str, Any]], detected_seconds_ago: float
-               ) -> dict[str, Any]:
+def make_alert(rule: str, evidence: list[dict[str, Any]], detected_seconds_ago: float,
+               version: int = 1) -> dict[str, Any]:
     user = evidence[0]["user_id"]
     ids = [t["transaction_id"] for t in evidence]
-    return {"alert_id": alert_id(rule, user, ids), "rule": rule, "user_id": user,
+    return {"alert_id": alert_id(rule, user, ids), "rule": rule, "rule_version": version,
+            "user_id": user,
             "window_start": min(t["event_time"] for t in evidence),
             "window_end": max(t["event_time"] for t in evidence),
             "transaction_count": len(ids), "total_amount": sum(t["amount"] for t in evidence),
@@ -87,14 +101,18 @@ MULTI_TXS = [transaction("m1", "u-multi", 450, 30.0, "Berlin", MULTI_LOCATION),
 NORMAL_TXS = [transaction(f"n{i}", "u-normal", 400 - i * 30, 50.0 + i, "Rome") for i in range(4)]
 PARQUET_ALERTS = [make_alert(VELOCITY, VELOCITY_TXS, 250), make_alert(HIGH_VALUE, [HIGH_TX], 190),
                   make_alert(VELOCITY, NORMAL_TXS, 280)]
-KAFKA_ONLY = make_alert(HIGH_VALUE, [transaction("k1", "u-kafka-only", 30, 5000.0, "Vienna")], 20)
+KAFKA_ONLY = make_alert(HIGH_VALUE, [transaction("k1", "u-kafka-only", 30, 5000.0, "Vienna")], 20,
+                        version=3)
+#: How alerts were written before rules had versions: the last Parquet alert is in such a file.
+UNVERSIONED_SCHEMA = pa.schema([f for f in ALERTS_SCHEMA if f.name != "rule_version"])
 
 
 def write_history(root: Path) -> None:
     txs = [*VELOCITY_TXS, HIGH_TX, *MULTI_TXS, *NORMAL_TXS]
     write_batch(root, TRANSACTIONS_DATASET, 0, txs[:5], TRANSACTIONS_SCHEMA)
     write_batch(root, TRANSACTIONS_DATASET, 1, txs[5:], TRANSACTIONS_SCHEMA)
-    write_batch(root, ALERTS_DATASET, 1, PARQUET_ALERTS, ALERTS_SCHEMA)
+    write_batch(root, ALERTS_DATASET, 1, PARQUET_ALERTS[:2], ALERTS_SCHEMA)
+    write_batch(root, ALERTS_DATASET, 3, PARQUET_ALERTS[2:], UNVERSIONED_SCHEMA)
     dlq = {"key": "u1", "topic": "transactions", "partition": 0, "offset": 7,
            "kafka_timestamp": NOW, "error_reason": "invalid_json", "error_detail": "x",
            "raw_value": "{not json"}
@@ -182,6 +200,10 @@ def test_live_page_merges_kafka_and_history_and_filters(reachable: AppTest) -> N
     assert metrics["Latency p95"] == "1.50 s"
     assert metrics["Transactions/s in"] != "n/a"
 
+    versions = dict(zip(table["user_id"], table["rule_version"], strict=True))
+    assert (versions["u-velocity"], versions["u-kafka-only"]) == (1, 3)
+    assert versions["u-normal"] is pd.NA, "an alert from before rule versions has none"
+
     app.text_input(key="live.user").set_value("u-high").run()
     assert table_users(app) == {"u-high"}
     app.text_input(key="live.user").set_value("").run()
@@ -195,7 +217,8 @@ def test_live_page_shows_the_evidence_of_a_selected_alert(reachable: AppTest) ->
     assert picker.value is None
     picker.set_value(PARQUET_ALERTS[0]["alert_id"]).run()
     assert not app.exception
-    assert app.json[0].value and json.loads(app.json[0].value)["user_id"] == "u-velocity"
+    shown = json.loads(app.json[0].value)
+    assert (shown["user_id"], shown["rule"], shown["rule_version"]) == ("u-velocity", VELOCITY, 1)
     evidence = app.dataframe[1].value
     assert list(evidence["transaction_id"]) == ["v0", "v1", "v2", "v3"]
     assert any("4 of 4 transactions" in t.value for t in app.text)
@@ -259,6 +282,11 @@ def test_unreachable_broker_shows_a_banner_and_the_history(
     app.switch_page("pages/topics.py").run()
     assert not app.exception
     assert any("Kafka broker unreachable at" in e.value for e in app.error)
+    app.switch_page("pages/rules.py").run()
+    assert not app.exception
+    assert any("Cannot read the rules topic" in e.value and address in e.value
+               for e in app.error)
+    assert all(b.disabled for b in app.button if b.label.startswith("Publish"))
 
 
 def test_every_page_renders_with_no_data_at_all(monkeypatch: pytest.MonkeyPatch,
@@ -273,6 +301,212 @@ def test_every_page_renders_with_no_data_at_all(monkeypatch: pytest.MonkeyPatch,
         app.switch_page(page).run()
         assert not app.exception, page
     assert list(app.dataframe[0].value["precision"]) == ["n/a"] * 4
+
+
+# --- rules page --------------------------------------------------------------------------------
+
+ANALYST = "Ada Analyst"
+HORIZON_US = 600 * MICROS  # RETENTION_SECONDS' default, which the page and the topic fold use
+
+
+@dataclass
+class RulesPage:
+    app: AppTest
+    topic: RulesTopic
+
+    def run(self) -> RulesPage:
+        self.app.run()
+        assert not self.app.exception, [e.value for e in self.app.exception]
+        return self
+
+    def frame(self, column: str) -> pd.DataFrame:
+        """The page's table with this column (st.dataframe keys are not visible to AppTest)."""
+        return next(f.value for f in self.app.dataframe if column in f.value.columns)
+
+    def table(self) -> pd.DataFrame:
+        """The rules in force."""
+        return self.frame("summary").set_index("rule_id")
+
+    def history(self, rule_id: str) -> pd.DataFrame:
+        """The history table in the rule's own section."""
+        section = next(e for e in self.app.expander if e.label.split(" · ")[0] == rule_id)
+        return section.dataframe[0].value
+
+    def state(self) -> dict[str, RuleDefinition]:
+        return dict(self.topic.state(HORIZON_US)[0].rules)
+
+
+@pytest.fixture
+def rules_topic(unique_topics: dict[str, str]) -> RulesTopic:
+    """This test's rules topic, holding the four default rules as version 1."""
+    topic = RulesTopic({"bootstrap.servers": unique_topics["KAFKA_BOOTSTRAP_SERVERS"]},
+                       unique_topics["RULES_TOPIC"])
+    for definition in default_definitions():
+        topic.publish(definition)
+    return topic
+
+
+@pytest.fixture
+def rules_page(monkeypatch: pytest.MonkeyPatch, unique_topics: dict[str, str],
+               rules_topic: RulesTopic, tmp_path: Path) -> Callable[..., RulesPage]:
+    """Opens the Rules page on this test's topics, with a Parquet folder of its own for the
+    detector's log of rule changes (``rule_changes/``)."""
+    def open_page(analyst: str | None = ANALYST) -> RulesPage:
+        for name, value in unique_topics.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("PARQUET_DIR", str(tmp_path))
+        monkeypatch.delenv("RETENTION_SECONDS", raising=False)
+        monkeypatch.delenv("FRAUDSTREAM_DASHBOARD_ARGS", raising=False)
+        if analyst is None:
+            monkeypatch.delenv("FRAUDSTREAM_ANALYST", raising=False)
+        else:
+            monkeypatch.setenv("FRAUDSTREAM_ANALYST", analyst)
+        app = AppTest.from_file(str(APP), default_timeout=60)
+        app.run()
+        return RulesPage(app.switch_page("pages/rules.py"), rules_topic).run()
+    return open_page
+
+
+def test_rules_page_lists_the_four_defaults(rules_page: Callable[..., RulesPage]) -> None:
+    page = rules_page()
+    assert page.app.title[0].value == "Rules"
+    table = page.table()
+    assert sorted(table.index) == sorted(d.rule_id for d in default_definitions())
+    assert set(table["version"]) == {1} and table["enabled"].all()
+    assert set(table["updated_by"]) == {DEFAULTS_AUTHOR}
+    assert table.loc[VELOCITY, "summary"] == "more than 3 transactions within 60 s"
+    # An edit form per rule, its inputs holding the version in force.
+    assert page.app.number_input(key="rules.edit.velocity.1.count").value == 3
+    assert page.app.number_input(key="rules.edit.velocity.1.window_seconds").value == 60.0
+    assert page.app.number_input(key="rules.edit.high_value.1.amount").value == 3500.0
+    assert page.app.session_state[ANALYST_KEY] == ANALYST
+    assert any(t.value.startswith("None: every record") for t in page.app.text), \
+        "no refused definitions"
+    assert not page.app.error
+
+
+def test_editing_velocity_count_publishes_version_2(rules_page: Callable[..., RulesPage]
+                                                    ) -> None:
+    page = rules_page()
+    page.app.number_input(key="rules.edit.velocity.1.count").set_value(5)
+    page.app.button(key="rules.publish.velocity").click()
+    page.run()
+    assert any("Published velocity version 2" in s.value for s in page.app.success), \
+        [s.value for s in page.app.success]
+    assert not page.app.error
+    assert page.table().loc[VELOCITY, "version"] == 2
+    assert page.app.number_input(key="rules.edit.velocity.2.count").value == 5
+
+    published = page.state()[VELOCITY]
+    assert (published.version, published.updated_by) == (2, ANALYST)
+    assert dict(published.params) == {"count": 5, "window_seconds": 60.0}
+    assert published.enabled
+    assert all(page.state()[rule].version == 1 for rule in (HIGH_VALUE, MULTI_LOCATION))
+
+    history = page.history(VELOCITY)
+    newest = history.iloc[0]
+    assert (newest["status"], newest["version"], newest["updated_by"]) == \
+        ("applied", "v1 → v2", ANALYST)
+    assert (newest["old_params"], newest["new_params"]) == \
+        ("count=3, window_seconds=60", "count=5, window_seconds=60")
+
+
+def test_a_window_beyond_the_horizon_is_refused_and_nothing_is_published(
+        rules_page: Callable[..., RulesPage]) -> None:
+    page = rules_page()
+    before = len(page.topic.read())
+    page.app.number_input(key="rules.edit.velocity.1.window_seconds").set_value(900.0)
+    page.app.button(key="rules.publish.velocity").click()
+    page.run()
+    errors = [e.value for e in page.app.error]
+    assert any("Refused, nothing published" in e and "exceeds the retention horizon of 600 s"
+               in e for e in errors), errors
+    assert not page.app.success
+    assert len(page.topic.read()) == before, "nothing was published"
+    assert page.state()[VELOCITY].version == 1
+    assert page.table().loc[VELOCITY, "version"] == 1
+
+
+def test_refused_records_are_listed_with_their_reason(
+        rules_page: Callable[..., RulesPage], rules_topic: RulesTopic, tmp_path: Path) -> None:
+    """From the topic (folded here) and from the detector's log, which keeps a refusal the
+    compacted topic may have lost."""
+    too_long = {**default_definitions()[1].to_dict(), "rule_id": "velocity_long",
+                "params": {"count": 3, "window_seconds": 900}}
+    rules_topic.publish_raw(VELOCITY, b"{not json")
+    rules_topic.publish_raw("velocity_long", json.dumps(too_long).encode())
+    logged = {"rule_id": "velocity_old", "status": "refused", "reason": "stale version 1",
+              "version": 1, "kind": VELOCITY, "enabled": True,
+              "params": json.dumps({"count": 3, "window_seconds": 60}), "previous_version": None,
+              "previous_params": None, "updated_at": format_timestamp(NOW),
+              "updated_by": "someone", "raw": None, "offset": 99, "applied_at": NOW}
+    # The detector logged the bad JSON too (offset 4, after the four defaults): shown once.
+    bad_json = {name: None for name in RULE_CHANGES_SCHEMA.names} | {
+        "rule_id": VELOCITY, "status": "refused", "reason": "not valid JSON", "raw": "{not json",
+        "offset": 4, "applied_at": NOW}
+    write_batch(tmp_path, RULE_CHANGES_DATASET, 0, [logged, bad_json], RULE_CHANGES_SCHEMA)
+    page = rules_page()
+    refused = page.frame("raw")
+    by_rule = refused.set_index("rule_id")
+    assert by_rule.loc[VELOCITY, "reason"].startswith("not valid JSON")
+    assert by_rule.loc[VELOCITY, "raw"] == "{not json"
+    assert "exceeds the retention horizon of 600 s" in by_rule.loc["velocity_long", "reason"]
+    assert by_rule.loc["velocity_old", "reason"] == "stale version 1"
+    assert by_rule.loc["velocity_old", "seen_in"] == "detector log"
+    assert by_rule.loc[VELOCITY, "seen_in"] == "topic + detector log"
+    assert by_rule.loc["velocity_long", "seen_in"] == "topic"
+    assert len(refused) == 3
+    # Refusals change nothing: the defaults stay in force, and nothing else is.
+    table = page.table()
+    assert sorted(table.index) == sorted(d.rule_id for d in default_definitions())
+    assert set(table["version"]) == {1}
+
+
+def test_add_disable_and_delete_a_rule(rules_page: Callable[..., RulesPage]) -> None:
+    page = rules_page()
+    app = page.app
+    app.selectbox(key="rules.add.kind").set_value(VELOCITY)
+    page.run()
+    app.text_input(key="rules.add.rule_id").set_value("velocity_10m")
+    app.number_input(key="rules.add.velocity.count").set_value(10)
+    app.number_input(key="rules.add.velocity.window_seconds").set_value(600.0)
+    app.button(key="rules.add.submit").click()
+    page.run()
+    assert any("Published velocity_10m version 1" in s.value for s in app.success)
+    added = page.state()["velocity_10m"]
+    assert (added.kind, added.version, dict(added.params)) == \
+        (VELOCITY, 1, {"count": 10, "window_seconds": 600.0})
+
+    app.button(key="rules.toggle.velocity_10m").click()
+    page.run()
+    assert page.table().loc["velocity_10m", ["version", "enabled"]].tolist() == [2, False]
+    assert not page.state()["velocity_10m"].enabled
+
+    app.button(key="rules.delete.velocity_10m").click()
+    page.run()
+    assert "velocity_10m" in page.state(), "asking is not deleting"
+    assert any("Delete rule" in w.value for w in app.warning)
+    app.button(key="rules.delete.confirm.velocity_10m").click()
+    page.run()
+    assert "velocity_10m" not in page.state()
+    assert "velocity_10m" not in page.table().index
+    assert any("Deleted velocity_10m" in s.value for s in app.success)
+
+
+def test_publishing_needs_an_analyst_name(rules_page: Callable[..., RulesPage]) -> None:
+    page = rules_page(analyst=None)
+    assert page.app.button(key="rules.publish.velocity").disabled
+    assert any("Enter your name" in i.value for i in page.app.info)
+
+    # The name typed in the sidebar is kept across page switches and goes on the change.
+    app = AppTest.from_file(str(APP), default_timeout=60).run()
+    app.sidebar.text_input(key=ANALYST_KEY).set_value("Grace").run()
+    page = RulesPage(app.switch_page("pages/rules.py"), page.topic).run()
+    assert not app.button(key="rules.publish.velocity").disabled
+    app.button(key="rules.toggle.paypal_micro").click()
+    page.run()
+    assert any("Published paypal_micro version 2 (disabled)" in s.value for s in app.success)
+    assert page.state()[PAYPAL_MICRO].updated_by == "Grace"
 
 
 # --- views, readers and launcher ------------------------------------------------------------
