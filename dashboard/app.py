@@ -48,11 +48,11 @@ with st.sidebar:
             f"Refresh: every {context.settings.refresh_seconds:g} s")
 
 navigation = st.navigation([
-    st.Page("pages/live.py", title="Live alerts", icon=":material/notifications_active:",
+    st.Page("screens/live.py", title="Live alerts", icon=":material/notifications_active:",
             default=True),
-    st.Page("pages/overview.py", title="Overview", icon=":material/monitoring:"),
-    st.Page("pages/quality.py", title="Detection quality", icon=":material/target:"),
-    st.Page("pages/rules.py", title="Rules", icon=":material/rule:"),
-    st.Page("pages/topics.py", title="Topics", icon=":material/topic:"),
+    st.Page("screens/overview.py", title="Overview", icon=":material/monitoring:"),
+    st.Page("screens/quality.py", title="Detection quality", icon=":material/target:"),
+    st.Page("screens/rules.py", title="Rules", icon=":material/rule:"),
+    st.Page("screens/topics.py", title="Topics", icon=":material/topic:"),
 ])
 navigation.run()

@@ -226,7 +226,7 @@ def test_live_page_shows_the_evidence_of_a_selected_alert(reachable: AppTest) ->
 
 def test_overview_page_shows_kpis_and_every_chart(reachable: AppTest) -> None:
     app = run_until(reachable, lambda a: "u-kafka-only" in table_users(a))
-    app.switch_page("pages/overview.py")
+    app.switch_page("screens/overview.py")
     app = run_until(app, lambda a: "Alerts: ` high_value `" in metric_values(a))
     assert app.title[0].value == "Overview"
     metrics = metric_values(app)
@@ -246,7 +246,7 @@ def test_overview_page_shows_kpis_and_every_chart(reachable: AppTest) -> None:
 
 def test_quality_page_matches_the_cli_numbers(reachable: AppTest, history: Path) -> None:
     reachable.run()
-    reachable.switch_page("pages/quality.py").run()
+    reachable.switch_page("screens/quality.py").run()
     assert not reachable.exception
     shown = reachable.dataframe[0].value.set_index("rule")
     expected = load_report(history, {VELOCITY: 60.0, MULTI_LOCATION: 120.0, "paypal_micro": 240.0})
@@ -261,7 +261,7 @@ def test_quality_page_matches_the_cli_numbers(reachable: AppTest, history: Path)
 
 def test_topics_page_lists_topics_and_messages(reachable: AppTest) -> None:
     reachable.run()
-    reachable.switch_page("pages/topics.py").run()
+    reachable.switch_page("screens/topics.py").run()
     assert not reachable.exception
     topics = set(reachable.dataframe[0].value["topic"])
     assert {"transactions", "fraud-alerts", "transactions-dlq"} <= topics
@@ -279,10 +279,10 @@ def test_unreachable_broker_shows_a_banner_and_the_history(
     banners = [w.value for w in app.warning]
     assert any("Kafka broker unreachable at" in b and address in b for b in banners), banners
     assert table_users(app) == {"u-velocity", "u-high", "u-normal"}
-    app.switch_page("pages/topics.py").run()
+    app.switch_page("screens/topics.py").run()
     assert not app.exception
     assert any("Kafka broker unreachable at" in e.value for e in app.error)
-    app.switch_page("pages/rules.py").run()
+    app.switch_page("screens/rules.py").run()
     assert not app.exception
     assert any("Cannot read the rules topic" in e.value and address in e.value
                for e in app.error)
@@ -297,7 +297,7 @@ def test_every_page_renders_with_no_data_at_all(monkeypatch: pytest.MonkeyPatch,
     assert not app.exception
     assert app.dataframe[0].value.empty
     assert metric_values(app)["Last batch"] == "n/a"
-    for page in ("pages/overview.py", "pages/quality.py"):
+    for page in ("screens/overview.py", "screens/quality.py"):
         app.switch_page(page).run()
         assert not app.exception, page
     assert list(app.dataframe[0].value["precision"]) == ["n/a"] * 4
@@ -363,7 +363,7 @@ def rules_page(monkeypatch: pytest.MonkeyPatch, unique_topics: dict[str, str],
             monkeypatch.setenv("FRAUDSTREAM_ANALYST", analyst)
         app = AppTest.from_file(str(APP), default_timeout=60)
         app.run()
-        return RulesPage(app.switch_page("pages/rules.py"), rules_topic).run()
+        return RulesPage(app.switch_page("screens/rules.py"), rules_topic).run()
     return open_page
 
 
@@ -501,7 +501,7 @@ def test_publishing_needs_an_analyst_name(rules_page: Callable[..., RulesPage]) 
     # The name typed in the sidebar is kept across page switches and goes on the change.
     app = AppTest.from_file(str(APP), default_timeout=60).run()
     app.sidebar.text_input(key=ANALYST_KEY).set_value("Grace").run()
-    page = RulesPage(app.switch_page("pages/rules.py"), page.topic).run()
+    page = RulesPage(app.switch_page("screens/rules.py"), page.topic).run()
     assert not app.button(key="rules.publish.velocity").disabled
     app.button(key="rules.toggle.paypal_micro").click()
     page.run()

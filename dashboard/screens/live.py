@@ -15,7 +15,7 @@ from dashboard.data.views import (
     filter_alerts,
     kpis,
 )
-from dashboard.pages._charts import (
+from dashboard.screens._charts import (
     alerts_over_time_figure,
     chart,
     kafka_banner,

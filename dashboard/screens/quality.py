@@ -7,7 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from dashboard.data import resources
-from dashboard.pages._charts import chart, plot_text
+from dashboard.screens._charts import chart, plot_text
 from fraudstream.rules.kinds import hex_colour
 from spark_job.quality import format_ratio
 

@@ -6,7 +6,7 @@ import streamlit as st
 
 from dashboard.data import resources
 from dashboard.data.views import evidence_ids, kpis
-from dashboard.pages._charts import (
+from dashboard.screens._charts import (
     alerts_by_rule_figure,
     alerts_over_time_figure,
     amount_figure,

@@ -23,7 +23,7 @@ from dashboard.data.rules import (
     refused,
     rules_in_force,
 )
-from dashboard.pages._charts import code_span
+from dashboard.screens._charts import code_span
 from fraudstream.rules.definition import RuleDefinition
 from fraudstream.rules.kinds import KINDS, Param, RuleKind
 

@@ -8,7 +8,7 @@ from confluent_kafka import KafkaException
 
 from dashboard.data import resources
 from dashboard.data.kafka import last_messages, topics_view
-from dashboard.pages._charts import code_span
+from dashboard.screens._charts import code_span
 
 context = resources.get_context()
 settings = context.settings
