@@ -1,5 +1,5 @@
-"""Run every benchmark in sequence: throughput, latency, memory, then the Quix Streams peer
-(last, so it compares itself with the throughput and latency results just written).
+"""Run every benchmark in sequence: throughput, latency, memory, rule change, then the Quix
+Streams peer (last, so it compares itself with the throughput and latency results just written).
 
 Each one runs in its own process, one after the other (never two at once: they would share the
 two cores and measure each other).
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from benchmarks.common import DEFAULT_RESULTS_DIR, REPO_ROOT, child_env, say
 
-ORDER = ("throughput", "latency", "memory", "quix_peer")
+ORDER = ("throughput", "latency", "memory", "rule_change", "quix_peer")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 cannot rot. Nothing here looks at speed (that is what the benchmarks are for): only that each
 run finished, that the result holds what the README promises (machine facts, versions,
 settings, raw samples), and that the figures are coherent — alerts equal the oracle, latency
-quantiles are ordered, memory was sampled over a real JVM."""
+quantiles are ordered, every rule change produced its alert, memory was sampled over a real
+JVM."""
 
 from __future__ import annotations
 
@@ -102,6 +103,27 @@ def test_latency_quick_measures_high_value_and_velocity(tmp_path: Path) -> None:
     assert run["alerts_not_in_oracle"] == 0
     assert len(run["samples"]) == sum(s["n"] for s in run["latency_s"].values())
     assert run["own_metrics"]["batches"] >= 1
+
+
+@pytest.mark.timeout(1800)
+def test_rule_change_quick_measures_every_change(tmp_path: Path) -> None:
+    data, stdout = run_benchmark("rule_change", tmp_path)
+    result, summary = data["result"], data["summary"]
+    assert "error" not in result, result.get("log_tail")
+    assert result["exit_code"] == 0
+    changes = data["settings"]["changes"]
+    assert result["changes"] == result["measured"] == changes and result["missing"] == 0
+    samples = result["samples"]
+    assert len(samples) == changes
+    assert all(s["latency_s"] > 0 and s["latency_from_ack_s"] > 0 and s["alerts"] > 0
+               for s in samples), samples
+    assert [s["version"] for s in samples] == sorted({s["version"] for s in samples})
+    assert result["alerts_under_disabled_versions"] == 0
+    assert_ordered(summary["latency_s"])
+    assert summary["latency_s"]["n"] == changes
+    assert 0 < summary["latency_s"]["min"] <= summary["latency_s"]["p50"]
+    assert summary["batch_seconds"]["n"] >= 1 and summary["trigger_seconds"] > 0
+    assert "publish call -> first alert" in stdout
 
 
 @pytest.mark.timeout(1800)
