@@ -69,7 +69,7 @@ class RulesTopic:
                 if time.monotonic() > deadline:
                     raise RulesTopicError(f"reading {self.topic!r} did not reach its end within "
                                           f"{self.timeout:.0f} s")
-                message = consumer.poll(0.5)
+                message = consumer.poll(0.1)
                 if message is None:
                     continue
                 error = message.error()

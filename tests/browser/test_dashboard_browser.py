@@ -6,9 +6,8 @@ that the users of the alerts on the alerts topic are in the live table, the char
 rule and user filters narrow the table, the Topics page lists the pipeline's three topics, and
 measure how long a new alert takes from the topic to the page.
 
-Needs /usr/bin/chromium and the playwright package; both are installed here if missing and
-possible (apt-get as root, pip) and never is a browser downloaded. Without them the tests skip,
-except under CI (``CI`` set), where they fail.
+Chromium and Playwright come from ``support.browser`` (the system's Chromium, never a
+downloaded browser); without them the tests skip, except under CI (``CI`` set), where they fail.
 
 Set ``DASHBOARD_SCREENSHOT=docs/dashboard.png`` to save a screenshot of the live page, and
 ``DASHBOARD_LATENCY_JSON`` to choose where the latency samples go (default: pytest's tmp dir).
@@ -16,19 +15,16 @@ Set ``DASHBOARD_SCREENSHOT=docs/dashboard.png`` to save a screenshot of the live
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +33,16 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 from conftest import read_topic
+from support.browser import (
+    GRID_SNAPSHOT,
+    REPO,
+    chromium,
+    new_page,
+    served_dashboard,
+    settled,
+    table_rows,
+    wait_until,
+)
 
 from fraudstream.broker import EmbeddedBroker, free_port
 from fraudstream.kafka import ensure_topics, wait_for_broker
@@ -52,12 +58,6 @@ from fraudstream.settings import DashboardSettings, load_settings
 from fraudstream.topics import default_topic_specs
 from producer.generator import TransactionGenerator, encode_transaction
 
-REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-quic", "--no-first-run",
-                 "--disable-sync"]
-TIMEOUT = 90.0
 DETECTOR_TIMEOUT = 600.0
 
 # The seeded stream: 3000 transactions at a simulated 10 tx/s (5 minutes of event time ending
@@ -69,57 +69,6 @@ COUNT = 3000
 RATE = 10.0
 BAD_RECORDS = [b"{not json", b'{"transaction_id": "t-missing-fields"}']
 NEW_ALERT_SAMPLES = 5
-
-
-# --- tools ----------------------------------------------------------------------------------------
-
-
-def _unavailable(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is required under CI")
-    pytest.skip(f"{what} is not available and could not be installed")
-
-
-def _ensure_chromium() -> bool:
-    if os.access(CHROMIUM, os.X_OK):
-        return True
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                        "chromium"], env=env, check=False)
-    return os.access(CHROMIUM, os.X_OK)
-
-
-def _ensure_playwright() -> bool:
-    try:
-        importlib.import_module("playwright.sync_api")
-        return True
-    except ImportError:
-        # The package only: the browser is the system's Chromium, never a download.
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "playwright"],
-                       check=False)
-        importlib.invalidate_caches()
-        try:
-            importlib.import_module("playwright.sync_api")
-            return True
-        except ImportError:
-            return False
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    if not _ensure_chromium():
-        _unavailable(CHROMIUM)
-    if not _ensure_playwright():
-        _unavailable("the playwright package")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 # --- the pipeline: generator -> transactions topic -> detector -> alerts topic + Parquet -------
@@ -211,6 +160,12 @@ class Served:
 
 
 @pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture(scope="module")
 def served(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Served]:
     """The pipeline's output, served by ``python -m dashboard`` on the same topics and Parquet
@@ -218,121 +173,30 @@ def served(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory
     overlaps the detector's."""
     work = tmp_path_factory.mktemp("dashboard")
     topics = create_topics(broker)
-    port = free_port()
     env = {**os.environ, **service_env(broker, topics, work),
-           "STREAMLIT_SERVER_PORT": str(port), "STREAMLIT_SERVER_ADDRESS": "127.0.0.1"}
-    log_path = work / "dashboard.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dashboard"], cwd=REPO, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        pipeline = run_pipeline(broker, topics, work)
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert process.poll() is None, log_path.read_text(errors="replace")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "dashboard did not become healthy"
-            time.sleep(0.2)
+           "STREAMLIT_SERVER_PORT": str(free_port()), "STREAMLIT_SERVER_ADDRESS": "127.0.0.1"}
+    pipelines: list[Pipeline] = []
+    with served_dashboard(env, work / "dashboard.log",
+                          before_ready=lambda: pipelines.append(
+                              run_pipeline(broker, topics, work))) as url:
         settings, _ = load_settings(DashboardSettings, [], environ=env)
-        yield Served(url, pipeline, broker.bootstrap_servers, settings.refresh_seconds)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        yield Served(url, pipelines[0], broker.bootstrap_servers, settings.refresh_seconds)
 
 
 @pytest.fixture
-def page(chromium: Any, served: Served) -> Iterator[Any]:
-    context = chromium.new_context(viewport={"width": 1500, "height": 2200})
-    context.set_default_timeout(TIMEOUT * 1000)
-    page = context.new_page()
-    yield page
-    context.close()
+def page(browser: Any, served: Served) -> Iterator[Any]:
+    with new_page(browser) as opened:
+        yield opened
 
 
 # --- reading the page -----------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def settled(page: Any) -> bool:
-    """No element left over from the previous run (Streamlit dims those during a rerun)."""
-    return page.locator('[data-testid="stElementContainer"][data-stale="true"]').count() == 0
-
-
-_GRID_SNAPSHOT = """grid => {
-    const table = grid.querySelector('table[role="grid"]');
-    if (!table) return {rowCount: null, rows: {}};
-    const headers = {};
-    for (const th of table.querySelectorAll('[role="columnheader"]')) {
-        headers[th.getAttribute('aria-colindex')] = th.textContent;
-    }
-    const rows = {};
-    for (const tr of table.querySelectorAll('tbody [role="row"]')) {
-        const row = {};
-        for (const td of tr.querySelectorAll('[role="gridcell"]')) {
-            row[headers[td.getAttribute('aria-colindex')]] = td.textContent;
-        }
-        rows[tr.getAttribute('aria-rowindex')] = row;
-    }
-    return {rowCount: Number(table.getAttribute('aria-rowcount')), rows};
-}"""
-#: Scroll the grid by most of its height, or back to the top once at the bottom.
-_SCROLL = """scroller => {
-    const before = scroller.scrollTop;
-    scroller.scrollTop = before + Math.max(scroller.clientHeight - 80, 40);
-    if (scroller.scrollTop === before) scroller.scrollTop = 0;
-}"""
-_NEXT_FRAMES = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
-
-
-def table_rows(page: Any, index: int = 0, timeout: float = TIMEOUT) -> list[dict[str, str]]:
-    """Every row of the ``index``-th dataframe as {column header: cell text}.
-
-    The grid mirrors only the rows near its viewport into the DOM (row 1 is the header, data
-    rows 2..aria-rowcount), and updates that mirror a frame or more after it scrolls: so this
-    scrolls a step, waits for the mirrored rows to change, and goes on until it saw them all.
-    """
-    grid = page.locator('[data-testid="stDataFrame"]').nth(index)
-    scroller = grid.locator(".dvn-scroller")
-    seen: dict[int, dict[str, str]] = {}
-    deadline = time.monotonic() + timeout
-    shown: set[str] = set()
-    while True:
-        snapshot = grid.evaluate(_GRID_SNAPSHOT)
-        count = snapshot["rowCount"]
-        if count is not None and (set(snapshot["rows"]) != shown or count < 2):
-            # None: the grid is being re-drawn; the same rows: the mirror lags the scroll.
-            seen.update({int(i): row for i, row in snapshot["rows"].items()})
-            if all(i in seen for i in range(2, count + 1)):
-                return [seen[i] for i in range(2, count + 1)]
-            shown = set(snapshot["rows"])
-            scroller.evaluate(_SCROLL)
-            page.evaluate(_NEXT_FRAMES)
-            continue
-        assert time.monotonic() < deadline, "timed out reading the table"
-        page.evaluate(_NEXT_FRAMES)
 
 
 def top_rows(page: Any) -> list[dict[str, str]]:
     """The rows at the top of the live table (newest first): one read, no scrolling through."""
     grid = page.locator('[data-testid="stDataFrame"]').first
     grid.locator(".dvn-scroller").evaluate("scroller => { scroller.scrollTop = 0; }")
-    snapshot = grid.evaluate(_GRID_SNAPSHOT)
+    snapshot = grid.evaluate(GRID_SNAPSHOT)
     return list(snapshot["rows"].values())
 
 

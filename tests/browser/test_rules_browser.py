@@ -5,7 +5,7 @@ then changes the velocity count to 5 and publishes version 2, which the table an
 then hold. Ends with a full-page screenshot whose path is printed.
 
 No detector runs: the page reads and writes the rules topic itself, so the workflow needs only
-the broker. Chromium and Playwright come from ``test_dashboard_browser`` (the system's
+the broker. Chromium and Playwright come from ``support.browser`` (the system's
 /usr/bin/chromium, never a downloaded browser); without them the test skips, except under CI.
 
 Set ``RULES_SCREENSHOT=docs/rules.png`` to choose where the screenshot goes (default: pytest's
@@ -15,10 +15,6 @@ tmp dir).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,14 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_dashboard_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    REPO,
-    TIMEOUT,
-    _ensure_chromium,
-    _ensure_playwright,
-    _unavailable,
+from support.browser import (
+    chromium,
+    new_page,
+    served_dashboard,
     settled,
     table_rows,
     wait_until,
@@ -50,17 +42,8 @@ RETENTION_SECONDS = 600
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not _ensure_chromium():
-        _unavailable(CHROMIUM)
-    if not _ensure_playwright():
-        _unavailable("the playwright package")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                              args=CHROMIUM_ARGS)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @dataclass(frozen=True)
@@ -81,47 +64,20 @@ def served(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory
     topic = RulesTopic(broker.client_config(), f"rules-{stem}")
     for definition in default_definitions():
         topic.publish(definition)
-    port = free_port()
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
            "RULES_TOPIC": topic.topic, "ALERTS_TOPIC": f"alerts-{stem}",
            "TRANSACTIONS_TOPIC": f"tx-{stem}", "DLQ_TOPIC": f"dlq-{stem}",
            "PARQUET_DIR": str(work / "parquet"), "RETENTION_SECONDS": str(RETENTION_SECONDS),
-           "STREAMLIT_SERVER_PORT": str(port), "STREAMLIT_SERVER_ADDRESS": "127.0.0.1"}
+           "STREAMLIT_SERVER_PORT": str(free_port()), "STREAMLIT_SERVER_ADDRESS": "127.0.0.1"}
     env.pop("FRAUDSTREAM_ANALYST", None)  # the analyst types a name in the sidebar
-    log_path = work / "dashboard.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dashboard"], cwd=REPO, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert process.poll() is None, log_path.read_text(errors="replace")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "dashboard did not become healthy"
-            time.sleep(0.2)
+    with served_dashboard(env, work / "dashboard.log") as url:
         yield Served(url, topic)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 @pytest.fixture
 def page(browser: Any, served: Served) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1500, "height": 2200})
-    context.set_default_timeout(TIMEOUT * 1000)
-    page = context.new_page()
-    yield page
-    context.close()
+    with new_page(browser) as opened:
+        yield opened
 
 
 def versions(page: Any) -> dict[str, str]:
