@@ -87,14 +87,22 @@ def open_rules_stream(spark: SparkSession, settings: DetectorSettings) -> DataFr
 
 def publish_default_rules(settings: DetectorSettings) -> int:
     """Publish the four default rules (version 1, parameters from settings) when the rules
-    topic holds nothing; returns how many were published."""
+    topic holds nothing, and say what is in force; returns how many were published."""
     topic = RulesTopic(settings.client_config(), settings.rules_topic)
-    if topic.read():
+    ruleset, _ = topic.state(settings.retention_us)
+    if len(ruleset) or ruleset.retired:
+        if ruleset.active:
+            log.info("rules in force on %s: %s", settings.rules_topic,
+                     "; ".join(f"{d.rule_id} v{d.version}: {d.summary()}"
+                               for d in ruleset.active))
+        else:
+            log.warning("no rule is enabled on %s: no alerts until one is (python -m "
+                        "fraudstream.rules list)", settings.rules_topic)
         return 0
     defaults = settings.default_rules()
     for definition in defaults:
         topic.publish(definition)
-    log.info("rules topic %s was empty: published the default rules as version 1 (%s)",
+    log.info("rules topic %s held no rule: published the default rules as version 1 (%s)",
              settings.rules_topic, "; ".join(f"{d.rule_id}: {d.summary()}" for d in defaults))
     return len(defaults)
 

@@ -26,6 +26,8 @@ from support.rule_change import rule_change_stream
 
 from fraudstream import schemas
 from fraudstream.rules.store import RulesTopic
+from fraudstream.settings import DetectorSettings, load_settings
+from spark_job.app import publish_default_rules
 
 #: (key, value, what the refusal reason must say): bad definitions published live.
 BAD_DEFINITIONS: list[tuple[str, bytes | None, str]] = [
@@ -119,3 +121,20 @@ def test_rules_changed_live_give_exactly_the_piecewise_oracle(
     assert applied[-2:] == [("velocity", 2), ("velocity_10m", 1)]
     log = detector.output()
     assert "refused" in log and "the previous version stays in force" in log
+
+
+def test_defaults_are_published_only_when_no_rule_was_ever_defined(
+        unique_topics: dict[str, str]) -> None:
+    """A rules topic with nothing but a refused record gets the defaults; one whose rules were
+    all deleted on purpose does not (a deletion is a decision, not an empty topic)."""
+    settings, _ = load_settings(DetectorSettings, [], environ=unique_topics)
+    rules = RulesTopic(settings.client_config(), settings.rules_topic)
+    rules.publish_raw("velocity", b"{not json")
+    assert publish_default_rules(settings) == 4
+    assert publish_default_rules(settings) == 0, "published twice"
+    in_force, _ = rules.state(settings.retention_us)
+    assert sorted(in_force.rules) == sorted(d.rule_id for d in settings.default_rules())
+    for rule_id in list(in_force.rules):
+        rules.delete(rule_id)
+    assert publish_default_rules(settings) == 0
+    assert not rules.state(settings.retention_us)[0].rules
