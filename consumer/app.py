@@ -8,6 +8,7 @@ disturb another reader.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -15,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from types import FrameType
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -33,6 +34,7 @@ from consumer.render import (
     SeenIds,
     format_alert,
     format_totals,
+    format_verdict_tag,
     format_warning,
     json_line,
     matches,
@@ -40,6 +42,9 @@ from consumer.render import (
 )
 from fraudstream.kafka import BrokerUnavailable, wait_for_broker
 from fraudstream.settings import ConsumerSettings
+
+if TYPE_CHECKING:  # the verdict store (SQLAlchemy) is imported only when verdicts are shown
+    from fraudstream.verdicts import RecordedVerdict, VerdictStore
 
 log = logging.getLogger("consumer")
 
@@ -49,12 +54,20 @@ BATCH = 500
 
 
 class AlertConsole:
-    """One console run. ``run()`` returns the process exit code."""
+    """One console run. ``run()`` returns the process exit code.
+
+    With a verdict store (``--show-verdicts``) each line ends with the alert's current
+    verdict, read from the database once per batch of records, so a verdict given while the
+    console runs shows on the next alerts printed.
+    """
 
     def __init__(self, settings: ConsumerSettings, *, color: bool, out: TextIO = sys.stdout,
-                 err: TextIO = sys.stderr) -> None:
+                 err: TextIO = sys.stderr, verdicts: VerdictStore | None = None) -> None:
         self.settings = settings
         self.color = color
+        self.verdicts = verdicts
+        self._current: dict[str, RecordedVerdict] = {}
+        self._store_failing = False
         self.out = out
         self.err = err
         self.stopping = False
@@ -164,6 +177,8 @@ class AlertConsole:
                 log.info("no alerts for %.1f s: exiting", settings.idle_timeout)
                 return 0
             messages = consumer.consume(BATCH, timeout=POLL_SECONDS)
+            if self.verdicts is not None:
+                self._current = self._verdicts_of(messages)
             try:
                 for message in messages:
                     if self._handle(message):
@@ -200,7 +215,9 @@ class AlertConsole:
         if not self.seen.add(alert["alert_id"]):
             self.duplicates += 1
             return False
-        if self.settings.json:
+        if self.verdicts is not None:
+            line = self._with_verdict(alert)
+        elif self.settings.json:
             line = json_line(message.value(), alert)  # type: ignore[arg-type]
         else:
             line = format_alert(alert, color=self.color)
@@ -209,6 +226,48 @@ class AlertConsole:
         self.shown += 1
         return True
 
+    def _verdicts_of(self, messages: list[Message]) -> dict[str, RecordedVerdict]:
+        """The current verdicts of the alerts in one batch (one query). A database that
+        stops answering is reported once, and the alerts keep being shown without verdicts."""
+        ids = set()
+        for message in messages:
+            if message.error() is not None:
+                continue
+            try:
+                record = json.loads(message.value() or b"")
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("alert_id"), str):
+                ids.add(record["alert_id"])
+        if not ids or self.verdicts is None:
+            return {}
+        from fraudstream.verdicts import VerdictStoreError
+
+        try:
+            current = self.verdicts.latest(ids)
+        except VerdictStoreError as exc:
+            if not self._store_failing:
+                print(format_warning(f"showing alerts without verdicts: {exc}",
+                                     color=self.color), file=self.err, flush=True)
+            self._store_failing = True
+            return {}
+        if self._store_failing:
+            print(format_warning("verdict database answering again", color=self.color),
+                  file=self.err, flush=True)
+        self._store_failing = False
+        return current
+
+    def _with_verdict(self, alert: dict[str, Any]) -> str:
+        """The alert's line (or JSON object, with a ``verdict`` member: the contract's verdict
+        object or null) with its current verdict."""
+        verdict = self._current.get(alert["alert_id"])
+        if self.settings.json:
+            return json.dumps({**alert, "verdict": verdict.to_dict() if verdict else None})
+        line = format_alert(alert, color=self.color)
+        if verdict is None:
+            return line
+        return f"{line}  {format_verdict_tag(verdict.verdict, verdict.analyst, color=self.color)}"
+
     def _print_totals(self) -> None:
         with contextlib.suppress(BrokenPipeError):
             self.out.flush()
@@ -216,5 +275,6 @@ class AlertConsole:
                             color=self.color), file=self.err, flush=True)
 
 
-def run(settings: ConsumerSettings, *, color: bool) -> int:
-    return AlertConsole(settings, color=color).run()
+def run(settings: ConsumerSettings, *, color: bool, verdicts: VerdictStore | None = None
+        ) -> int:
+    return AlertConsole(settings, color=color, verdicts=verdicts).run()

@@ -113,6 +113,17 @@ def json_line(raw: bytes, alert: Mapping[str, Any]) -> str:
     return text
 
 
+#: Colour of each verdict word on the console.
+VERDICT_COLOURS: Final = {"fraud": "\033[31m", "legit": "\033[32m", "unsure": "\033[33m"}
+
+
+def format_verdict_tag(verdict: str, analyst: str, *, color: bool) -> str:
+    """The current verdict appended to an alert's line (``--show-verdicts``): the word and who
+    gave it, e.g. ``[fraud by alice]``."""
+    word = _paint(clean(verdict), BOLD + VERDICT_COLOURS.get(verdict, ""), color)
+    return f"[{word} by {clean(analyst)}]"
+
+
 def format_warning(text: str, *, color: bool) -> str:
     return _paint(f"warning: {clean(text)}", YELLOW_WARNING, color)
 

@@ -260,6 +260,10 @@ class KafkaSettings(BaseSettings):
         topics.RULES, env="RULES_TOPIC", section=KAFKA_SECTION,
         help="compacted topic of rule definitions (keyed by rule_id)",
     )
+    verdicts_topic: str = setting(
+        topics.VERDICTS, env="VERDICTS_TOPIC", section=KAFKA_SECTION,
+        help="analysts' verdicts on alerts (keyed by alert_id)",
+    )
 
     def validate(self) -> None:
         key = self.field_key("bootstrap_servers")
@@ -274,7 +278,8 @@ class KafkaSettings(BaseSettings):
                 self.field_key("sasl_mechanism"),
                 f"required when security_protocol is {self.security_protocol}",
             )
-        for name in ("transactions_topic", "alerts_topic", "dlq_topic", "rules_topic"):
+        for name in ("transactions_topic", "alerts_topic", "dlq_topic", "rules_topic",
+                     "verdicts_topic"):
             if not topics.valid_topic_name(getattr(self, name)):
                 raise SettingsError(self.field_key(name), "not a valid Kafka topic name")
 
@@ -633,6 +638,22 @@ class DetectorSettings(KafkaSettings):
         return self.metrics_file or self.parquet_dir / "_metrics" / "detector.jsonl"
 
 
+#: The verdict database: an embedded SQLite file unless a PostgreSQL server is named.
+VERDICTS_URL_DEFAULT = "sqlite:///run/verdicts.db"
+_VERDICTS_URL_HELP = ("database of analysts' verdicts: sqlite:///PATH (embedded file, created on "
+                      "first use) or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE")
+
+
+def _check_verdicts_url(settings: ConsumerSettings | DashboardSettings) -> None:
+    """A URL no database can be opened with stops start-up, not the first verdict."""
+    from fraudstream.verdicts.model import check_store_url
+
+    try:
+        check_store_url(settings.verdicts_url)
+    except ValueError as exc:
+        raise SettingsError(settings.field_key("verdicts_url"), str(exc)) from None
+
+
 @dataclass(frozen=True)
 class ConsumerSettings(KafkaSettings):
     """The console alert consumer (``python -m consumer``)."""
@@ -658,6 +679,19 @@ class ConsumerSettings(KafkaSettings):
         30.0, env="CONSUMER_CONNECT_TIMEOUT", minimum=0.1,
         help="seconds to wait for the broker before giving up",
     )
+    parquet_dir: Path = setting(
+        Path("parquet_data"), env="PARQUET_DIR",
+        help="Parquet output root; --verdict looks the alert up in its alerts/ folder",
+    )
+    verdicts_url: str = setting(
+        # No flag: the URL may hold a password, which a flag would show in `ps`.
+        VERDICTS_URL_DEFAULT, env="VERDICTS_URL", secret=True, cli=False,
+        help=_VERDICTS_URL_HELP,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        _check_verdicts_url(self)
 
 
 @dataclass(frozen=True)
@@ -686,6 +720,15 @@ class DashboardSettings(KafkaSettings):
         env="RETENTION_SECONDS", minimum=1,
         help="the detector's retention horizon: rules with a longer window are refused",
     )
+    verdicts_url: str = setting(
+        # No flag: the URL may hold a password, which a flag would show in `ps`.
+        VERDICTS_URL_DEFAULT, env="VERDICTS_URL", secret=True, cli=False,
+        help=_VERDICTS_URL_HELP,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        _check_verdicts_url(self)
 
     @property
     def resolved_metrics_file(self) -> Path:
