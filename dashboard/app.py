@@ -9,6 +9,7 @@ import os
 import streamlit as st
 
 from dashboard.cli import ARGS_ENV
+from dashboard.data import resources
 from dashboard.data.resources import ANALYST_KEY, DashboardContext, set_context
 from fraudstream.settings import DashboardSettings, DetectorSettings, SettingsError, load_settings
 from spark_job.quality import rule_spans
@@ -41,15 +42,18 @@ with st.sidebar:
     # persist_state="session": without it Streamlit forgets the name on every page switch.
     st.text_input("Analyst", value=os.environ.get(ANALYST_ENV, ""), key=ANALYST_KEY,
                   persist_state="session", placeholder="your name",
-                  help=f"Recorded as updated_by on every rule change you publish "
-                       f"(default: the environment variable `{ANALYST_ENV}`).")
+                  help=f"Recorded as the analyst of every verdict you give and as updated_by on "
+                       f"every rule change you publish (default: the environment variable "
+                       f"`{ANALYST_ENV}`).")
     st.text(f"Kafka: {context.settings.bootstrap_servers}\n"
             f"Parquet: {context.settings.parquet_dir}\n"
+            f"Verdicts: {resources.verdicts(context).display_url}\n"
             f"Refresh: every {context.settings.refresh_seconds:g} s")
 
 navigation = st.navigation([
     st.Page("screens/live.py", title="Live alerts", icon=":material/notifications_active:",
             default=True),
+    st.Page("screens/review.py", title="Review queue", icon=":material/fact_check:"),
     st.Page("screens/overview.py", title="Overview", icon=":material/monitoring:"),
     st.Page("screens/quality.py", title="Detection quality", icon=":material/target:"),
     st.Page("screens/rules.py", title="Rules", icon=":material/rule:"),

@@ -32,6 +32,11 @@ rules_topic="${RULES_TOPIC:-fraud-rules}"
   --topic "$rules_topic" --partitions 1 --replication-factor "$replication" \
   --config cleanup.policy=compact
 wanted+=("$rules_topic")
+# Analysts' verdicts, keyed by alert_id: the newest per key is the verdict in force.
+verdicts_topic="${VERDICTS_TOPIC:-fraud-verdicts}"
+"$topics_bin" --bootstrap-server "$bootstrap" --create --if-not-exists \
+  --topic "$verdicts_topic" --partitions "$partitions" --replication-factor "$replication"
+wanted+=("$verdicts_topic")
 
 echo "kafka-init: topics on $bootstrap:"
 "$topics_bin" --bootstrap-server "$bootstrap" --describe --topic "$(IFS='|'; echo "${wanted[*]}")" \

@@ -1,5 +1,5 @@
-"""Data access for the dashboard: the Parquet history, the detector's metrics file, Kafka, and
-the rules topic (read and published).
+"""Data access for the dashboard: the Parquet history, the detector's metrics file, Kafka, the
+rules topic (read and published), and analysts' verdicts (read and recorded).
 
 Plain modules with no Streamlit in them, except ``resources``, which is the boundary where the
 pages get cached, shared instances.

@@ -137,6 +137,12 @@ class AlertTail:
                                 self._invalid)
             return self._frame, status
 
+    def holds(self, alert_id: str) -> bool:
+        """Whether this alert is among the buffered ones, without fetching anything: a verdict
+        may be given on any alert the pages were shown."""
+        with self._lock:
+            return alert_id in self._alerts
+
     def _connect(self) -> bool:
         """Check the broker and assign partitions not assigned yet; False if unreachable."""
         try:

@@ -1,13 +1,14 @@
 """Where the pages meet the data: one shared instance per process of each reader (Kafka tail,
-Parquet datasets, metrics file) in ``st.cache_resource``, and the settings handed from the app to
-its pages through session state (``st.navigation`` pages are scripts and take no arguments).
+Parquet datasets, metrics file, verdict database) in ``st.cache_resource``, and the settings
+handed from the app to its pages through session state (``st.navigation`` pages are scripts and
+take no arguments).
 
 Everything returned here is shared between sessions: pages read it, never mutate it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,6 +21,8 @@ from dashboard.data.kafka import AlertTail, TailStatus
 from dashboard.data.metrics import MetricsSnapshot, MetricsTail
 from dashboard.data.parquet import DLQ_VIEW_SCHEMA, TRANSACTION_VIEW_SCHEMA, DatasetCache
 from dashboard.data.rules import RulesStore
+from dashboard.data.verdicts import VerdictDesk, VerdictsSnapshot
+from dashboard.data.verdicts import analyst_precision as _analyst_precision
 from dashboard.data.views import count_by_rule, merge_alerts
 from fraudstream.datasets import ALERTS_SCHEMA
 from fraudstream.schemas import ALERTS_DATASET, DLQ_DATASET, TRANSACTIONS_DATASET, utc_now
@@ -27,7 +30,8 @@ from fraudstream.settings import DashboardSettings
 from spark_job.quality import quality_report
 
 _CONTEXT_KEY = "fraudstream.dashboard.context"
-#: Session-state key of the analyst's name (the sidebar input); recorded on every rule change.
+#: Session-state key of the analyst's name (the sidebar input); recorded on every rule change
+#: and every verdict.
 ANALYST_KEY = "fraudstream.analyst"
 
 
@@ -70,6 +74,12 @@ def _tail(client_config: tuple[tuple[str, str], ...], topic: str, max_alerts: in
 def _rules(client_config: tuple[tuple[str, str], ...], topic: str, root: str,
            retention_seconds: float, max_age: float) -> RulesStore:
     return RulesStore(dict(client_config), topic, root, retention_seconds, max_age=max_age)
+
+
+@st.cache_resource(show_spinner=False)
+def _verdicts(url: str, client_config: tuple[tuple[str, str], ...], topic: str,
+              max_age: float) -> VerdictDesk:
+    return VerdictDesk(url, dict(client_config), topic, max_age=max_age)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -121,12 +131,16 @@ class LiveAlerts:
     now: datetime
 
 
+def _alert_tail(context: DashboardContext) -> AlertTail:
+    settings = context.settings
+    return _tail(tuple(sorted(settings.client_config().items())), settings.alerts_topic,
+                 settings.max_alerts)
+
+
 def live_alerts(context: DashboardContext) -> LiveAlerts:
     """One refresh: poll the Kafka tail, pick up new Parquet files, merge."""
     settings = context.settings
-    tail = _tail(tuple(sorted(settings.client_config().items())), settings.alerts_topic,
-                 settings.max_alerts)
-    live, status = tail.poll()
+    live, status = _alert_tail(context).poll()
     history, version = alert_history(context)
     newest = _newest(str(settings.parquet_dir), version, settings.max_alerts, history)
     return LiveAlerts(merge_alerts(newest, live, settings.max_alerts),
@@ -148,3 +162,35 @@ def quality(context: DashboardContext) -> pd.DataFrame:
     txs, txs_version = transactions(context)
     return _quality(str(context.settings.parquet_dir), alerts_version, txs_version,
                     tuple(sorted(context.spans.items())), alerts, txs)
+
+
+# --- verdicts -----------------------------------------------------------------------------------
+
+
+def verdicts(context: DashboardContext) -> VerdictDesk:
+    """The verdict database and topic of these settings: one desk per process, so the newest
+    verdicts are read once per refresh however many sessions are open."""
+    settings = context.settings
+    return _verdicts(settings.verdicts_url, tuple(sorted(settings.client_config().items())),
+                     settings.verdicts_topic, settings.refresh_seconds)
+
+
+def alert_is_known(context: DashboardContext) -> Callable[[str], bool]:
+    """Whether an alert id is one the dashboard loaded (Parquet history or the Kafka tail):
+    verdicts are only taken on alerts someone could have looked at."""
+    tail = _alert_tail(context)
+    history, _ = alert_history(context)
+    ids = history["alert_id"]
+
+    def known(alert_id: str) -> bool:
+        return tail.holds(alert_id) or bool(pc.any(pc.equal(ids, alert_id)).as_py())
+
+    return known
+
+
+def analyst_precision(context: DashboardContext, snapshot: VerdictsSnapshot
+                      ) -> tuple[pd.DataFrame, int]:
+    """Per rule, the analysts' verdicts on the alerts of the Parquet history (the history the
+    label-based figures use), and how many verdicts concern alerts not in it."""
+    history, _ = alert_history(context)
+    return _analyst_precision(history, snapshot.latest)

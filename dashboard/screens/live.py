@@ -1,4 +1,5 @@
-"""Live alerts: newest first, refreshed in place; filters; one alert's evidence."""
+"""Live alerts: newest first with each alert's current verdict, refreshed in place; filters; one
+alert's evidence, its verdicts, and buttons to give one."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.data import resources
+from dashboard.data.verdicts import VerdictsSnapshot, verdict_labels
 from dashboard.data.views import (
     TIME_RANGES,
     alert_label,
@@ -22,7 +24,15 @@ from dashboard.screens._charts import (
     kpi_values,
     metric_rows,
 )
+from dashboard.screens._verdicts import (
+    analyst_hint,
+    read_only_banner,
+    record_verdict,
+    show_message,
+    verdict_trail,
+)
 from fraudstream.schemas import RULES
+from fraudstream.verdicts.model import MAX_NOTE, VERDICTS
 
 #: Rows sent to the browser per refresh; the filters reach everything in memory.
 TABLE_ROWS = 200
@@ -31,11 +41,44 @@ PICKER_ROWS = 200
 
 context = resources.get_context()
 settings = context.settings
+desk = resources.verdicts(context)
+_PLACE = "live"
 
 st.title("Live alerts")
 
 
-def alert_detail(alert: pd.Series) -> None:
+def _note_key(alert_id: str) -> str:
+    """Keyed by alert: a note typed for one alert never lands on another."""
+    return f"live.note.{alert_id}"
+
+
+def _decide(alert_id: str, verdict: str) -> None:
+    if record_verdict(context, alert_id, verdict, st.session_state.get(_note_key(alert_id)) or "",
+                      _PLACE):
+        st.session_state[_note_key(alert_id)] = ""
+
+
+def verdict_panel(alert_id: str, snapshot: VerdictsSnapshot) -> None:
+    """The alert's verdicts, a note, and one button per verdict (the note goes with it)."""
+    st.text("Verdict")
+    show_message(_PLACE)
+    verdict_trail(desk, snapshot, alert_id, key=f"live.trail.{alert_id}")
+    analyst = resources.analyst()
+    analyst_hint(analyst)
+    can_record = bool(analyst) and not snapshot.read_only
+    # Enter must not submit: with three verdict buttons it would pick one for the analyst.
+    with st.form(f"live.verdict.{alert_id}", enter_to_submit=False, border=False):
+        st.text_input("Note", key=_note_key(alert_id), max_chars=MAX_NOTE,
+                      placeholder="why (optional): what was checked, who confirmed it")
+        for column, verdict in zip(st.columns([1, 1, 1, 3]), VERDICTS, strict=False):
+            with column:
+                st.form_submit_button(verdict, key=f"live.decide.{alert_id}.{verdict}",
+                                      disabled=not can_record, on_click=_decide,
+                                      args=(alert_id, verdict),
+                                      help=f"record the verdict {verdict!r} on this alert")
+
+
+def alert_detail(alert: pd.Series, snapshot: VerdictsSnapshot) -> None:
     record = alert_record(alert)
     ids = record["transaction_ids"] or []
     left, right = st.columns([2, 3])
@@ -52,12 +95,15 @@ def alert_detail(alert: pd.Series) -> None:
             "kafka_timestamp": st.column_config.DatetimeColumn("kafka time", format="iso8601"),
             "amount": st.column_config.NumberColumn("amount", format="%.2f"),
         })
+    verdict_panel(str(record["alert_id"]), snapshot)
 
 
 @st.fragment(run_every=settings.refresh_seconds)
 def live() -> None:
     data = resources.live_alerts(context)
     kafka_banner(data.status)
+    snapshot = desk.snapshot()
+    read_only_banner(desk, snapshot)
     metric_rows(kpi_values(kpis(resources.metrics(context).batches, data.alerts, data.now)))
 
     rule_col, user_col, range_col = st.columns([3, 3, 2])
@@ -72,10 +118,14 @@ def live() -> None:
     st.caption(f"{len(shown):,} matching alerts (of {len(data.alerts):,} in memory, "
                f"newest first; the table shows up to {TABLE_ROWS}). Refreshes every "
                f"{settings.refresh_seconds:g} s.")
-    st.dataframe(alert_table(shown.head(TABLE_ROWS)), hide_index=True, key="live.table",
+    table = alert_table(shown.head(TABLE_ROWS))
+    table.insert(1, "verdict", verdict_labels(table["alert_id"], snapshot))
+    st.dataframe(table, hide_index=True, key="live.table",
                  column_config={
                      "detected_at": st.column_config.DatetimeColumn(
                          "detected at", format="YYYY-MM-DD HH:mm:ss"),
+                     "verdict": st.column_config.TextColumn(
+                         "verdict", help="the newest analyst verdict on the alert"),
                      "rule_version": st.column_config.NumberColumn(
                          "version", format="%d", help="version of the rule that fired"),
                      "user_id": st.column_config.TextColumn("user"),
@@ -96,9 +146,9 @@ def live() -> None:
     by_id = data.alerts.set_index("alert_id", drop=False)
     selected = st.selectbox("Alert", choices, index=None, key="live.alert",
                             format_func=lambda alert_id: alert_label(by_id.loc[alert_id]),
-                            placeholder="Choose an alert to see its evidence")
+                            placeholder="Choose an alert to see its evidence and verdicts")
     if selected is not None:
-        alert_detail(by_id.loc[selected])
+        alert_detail(by_id.loc[selected], snapshot)
 
 
 live()

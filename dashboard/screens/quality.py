@@ -1,5 +1,7 @@
 """Detection quality: precision and recall per rule against the producer's labels, over the
-Parquet history (the numbers ``python -m spark_job.quality`` prints)."""
+Parquet history (the numbers ``python -m spark_job.quality`` prints), and beside them the
+analysts' precision from their verdicts: labels exist only for generated traffic, verdicts for
+real traffic too."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import streamlit as st
 
 from dashboard.data import resources
 from dashboard.screens._charts import chart, plot_text
+from dashboard.screens._verdicts import read_only_banner
 from fraudstream.rules.kinds import hex_colour
 from spark_job.quality import format_ratio
 
@@ -22,27 +25,50 @@ st.caption(
     "the gap exceeds the rule's window; every high_value transaction is its own episode) that "
     "an alert of the rule for that user overlaps. Pending: undetected episodes whose last event "
     "is within the rule's window of the newest event, so they may still be growing (a burst "
-    "fires when it completes); recall leaves them out. n/a: nothing to divide by."
+    "fires when it completes); recall leaves them out. Analyst precision: of a rule's alerts in "
+    "the history that have a verdict (reviewed), the share whose newest verdict is fraud "
+    "(confirmed_fraud); an unsure verdict counts as reviewed, not as confirmed. "
+    "n/a: nothing to divide by."
 )
 st.button("Recompute", help="Re-read the Parquet history now (it is also re-read on every "
           "visit; unchanged data is not recomputed)")
 
-report = resources.quality(context)
+desk = resources.verdicts(context)
+snapshot = desk.snapshot()
+read_only_banner(desk, snapshot)
+by_analysts, outside = resources.analyst_precision(context, snapshot)
+# Verdicts concern alerts of the same history, so their rules are already the report's rows.
+report = resources.quality(context).join(by_analysts, how="left")
+for column in ("reviewed", "confirmed_fraud"):
+    report[column] = report[column].fillna(0).astype("int64")
 shown = report.reset_index()
-for column in ("precision", "recall"):
+for column in ("precision", "recall", "analyst_precision"):
     shown[column] = shown[column].map(format_ratio)
-st.dataframe(shown, hide_index=True, key="quality.table")
+st.dataframe(shown, hide_index=True, key="quality.table", column_config={
+    "reviewed": st.column_config.NumberColumn("reviewed", help="alerts with a verdict"),
+    "confirmed_fraud": st.column_config.NumberColumn(
+        "confirmed fraud", help="reviewed alerts whose newest verdict is fraud"),
+    "analyst_precision": st.column_config.TextColumn(
+        "analyst precision", help="confirmed fraud / reviewed"),
+})
+if outside:
+    st.caption(f"Not counted yet: {outside:,} verdict(s) on alerts not in the Parquet history "
+               "(counted once the detector has written them).")
 
-long = report.reset_index().melt(id_vars="rule", value_vars=["precision", "recall"],
+long = report.reset_index().melt(id_vars="rule",
+                                 value_vars=["precision", "recall", "analyst_precision"],
                                  var_name="measure", value_name="value").dropna()
 if long.empty:
     st.info("No alerts and no labelled transactions in the Parquet history yet.")
 else:
     long["rule"] = plot_text(long["rule"])
+    long["measure"] = long["measure"].str.replace("_", " ")
     figure = px.bar(long, x="rule", y="value", color="measure", barmode="group",
-                    range_y=[0, 1.05], labels={"value": ""}, title="Precision and recall",
+                    range_y=[0, 1.05], labels={"value": ""},
+                    title="Precision and recall (labels), analyst precision (verdicts)",
                     color_discrete_sequence=[hex_colour("velocity"),
-                                             hex_colour("multi_location")])
+                                             hex_colour("multi_location"),
+                                             hex_colour("paypal_micro")])
     figure.update_yaxes(tickformat=".0%")
     chart(figure)
 

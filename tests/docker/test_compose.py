@@ -231,6 +231,7 @@ def test_kafka_init_creates_the_contract_topics() -> None:
     assert e["ALERTS_TOPIC"] == topics.ALERTS
     assert e["DLQ_TOPIC"] == topics.DLQ
     assert e["RULES_TOPIC"] == topics.RULES
+    assert e["VERDICTS_TOPIC"] == topics.VERDICTS
     assert e["TRANSACTIONS_PARTITIONS"] == str(topics.DEFAULT_TRANSACTIONS_PARTITIONS)
     assert e["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:29092"
     script_mount = next(v for v in init["volumes"] if "kafka-init.sh" in v)
@@ -239,7 +240,7 @@ def test_kafka_init_creates_the_contract_topics() -> None:
     assert target in init["entrypoint"]
     script = (REPO / source).read_text()
     assert "--if-not-exists" in script
-    for name in (topics.TRANSACTIONS, topics.ALERTS, topics.DLQ, topics.RULES):
+    for name in (topics.TRANSACTIONS, topics.ALERTS, topics.DLQ, topics.RULES, topics.VERDICTS):
         assert name in script, f"{name} is not the script's default"
     assert "cleanup.policy=compact" in script, "the rules topic is compacted"
 
@@ -260,6 +261,7 @@ def test_service_env_names_are_settings_of_that_program() -> None:
         assert e.get("ALERTS_TOPIC", topics.ALERTS) == topics.ALERTS
         assert e.get("DLQ_TOPIC", topics.DLQ) == topics.DLQ
         assert e.get("RULES_TOPIC", topics.RULES) == topics.RULES
+        assert e.get("VERDICTS_TOPIC", topics.VERDICTS) == topics.VERDICTS
 
 
 def test_no_literal_secrets() -> None:

@@ -260,7 +260,8 @@ def test_kafka_init_creates_the_contract_topics(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     creates = [line.split() for line in record.read_text().splitlines() if "--create" in line]
     created = {args[args.index("--topic") + 1]: args for args in creates}
-    assert set(created) == {topics.TRANSACTIONS, topics.ALERTS, topics.DLQ, topics.RULES}
+    assert set(created) == {topics.TRANSACTIONS, topics.ALERTS, topics.DLQ, topics.RULES,
+                            topics.VERDICTS}
     rules = created.pop(topics.RULES)
     assert rules[rules.index("--partitions") + 1] == "1"
     assert rules[rules.index("--config") + 1] == "cleanup.policy=compact"
@@ -276,7 +277,7 @@ def test_kafka_init_honours_partitions_and_rejects_nonsense(tmp_path: Path) -> N
     env = clean_env(KAFKA_TOPICS_BIN=str(tool), TRANSACTIONS_PARTITIONS="6")
     assert run(["bash", str(REPO / "docker" / "kafka-init.sh")], tmp_path, env).returncode == 0
     creates = [line.split() for line in record.read_text().splitlines() if "--create" in line]
-    assert [a[a.index("--partitions") + 1] for a in creates] == ["6", "6", "6", "1"]
+    assert [a[a.index("--partitions") + 1] for a in creates] == ["6", "6", "6", "1", "6"]
     env["TRANSACTIONS_PARTITIONS"] = "zero"
     result = run(["bash", str(REPO / "docker" / "kafka-init.sh")], tmp_path, env)
     assert result.returncode == 2

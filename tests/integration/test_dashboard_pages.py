@@ -1,7 +1,9 @@
 """Every dashboard page through Streamlit's AppTest, over a Parquet history + metrics file
 written like the detector writes them, with the real embedded broker (and once with an
 unreachable address: the pages must say so and keep showing the history). The Rules page runs
-against a rules topic of its own per test, read back with the rule core's ``RulesTopic``."""
+against a rules topic of its own per test, read back with the rule core's ``RulesTopic``.
+Verdicts go to a SQLite file of each test's own (read back with ``VerdictStore``) and a verdicts
+topic of this module's own."""
 
 from __future__ import annotations
 
@@ -54,7 +56,9 @@ from fraudstream.schemas import (
     format_timestamp,
     to_json_ready,
 )
-from fraudstream.topics import ALERTS, TopicSpec
+from fraudstream.topics import ALERTS, VERDICTS, TopicSpec
+from fraudstream.verdicts.model import make_verdict
+from fraudstream.verdicts.store import RecordedVerdict, VerdictStore
 from spark_job.quality import format_ratio, load_report
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
@@ -138,6 +142,18 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 #: This module's own alerts topic: other tests share the session broker's `fraud-alerts`.
 ALERTS_TOPIC = f"{ALERTS}-dashboard-pages-{uuid.uuid4().hex[:6]}"
+#: Likewise for verdicts (the publisher creates it on the first verdict).
+VERDICTS_TOPIC = f"{VERDICTS}-dashboard-pages-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(autouse=True)
+def verdicts_url(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+                 ) -> str:
+    """Each test's own verdict database: the default (run/verdicts.db) is the working copy's."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('verdicts') / 'verdicts.db'}"
+    monkeypatch.setenv("VERDICTS_URL", url)
+    monkeypatch.setenv("VERDICTS_TOPIC", VERDICTS_TOPIC)
+    return url
 
 
 @pytest.fixture(scope="module")
@@ -297,10 +313,192 @@ def test_every_page_renders_with_no_data_at_all(monkeypatch: pytest.MonkeyPatch,
     assert not app.exception
     assert app.dataframe[0].value.empty
     assert metric_values(app)["Last batch"] == "n/a"
-    for page in ("screens/overview.py", "screens/quality.py"):
+    for page in ("screens/review.py", "screens/overview.py", "screens/quality.py"):
         app.switch_page(page).run()
         assert not app.exception, page
     assert list(app.dataframe[0].value["precision"]) == ["n/a"] * 4
+    assert list(app.dataframe[0].value["analyst_precision"]) == ["n/a"] * 4
+
+
+# --- verdicts: review queue, live table and detail, quality -----------------------------------
+
+ANALYST_ENV = "FRAUDSTREAM_ANALYST"
+
+
+def give(url: str, alert: dict[str, Any], verdict: str, analyst: str = "Grace",
+         note: str = "") -> None:
+    """A verdict recorded straight into the database, as another dashboard or the console
+    would."""
+    with VerdictStore(url) as store:
+        store.record(make_verdict(alert["alert_id"], verdict, analyst, note))
+
+
+def stored(url: str) -> dict[str, RecordedVerdict]:
+    with VerdictStore(url) as store:
+        return store.latest()
+
+
+def frame_with(app: AppTest, *columns: str) -> pd.DataFrame:
+    """The page's table with these columns (st.dataframe keys are not visible to AppTest)."""
+    return next(f.value for f in app.dataframe if set(columns) <= set(f.value.columns))
+
+
+def open_review(app: AppTest) -> AppTest:
+    """The review queue once the Kafka-only alert has reached the tail."""
+    run_until(app, lambda a: "u-kafka-only" in table_users(a))
+    app.switch_page("screens/review.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert app.title[0].value == "Review queue"
+    return app
+
+
+def queue(app: AppTest) -> pd.DataFrame:
+    return frame_with(app, "verdict", "alert_id", "reason")
+
+
+def under_review(app: AppTest) -> str:
+    """The alert id of the verdict form on the page (one alert is reviewed at a time)."""
+    keys = [r.key for r in app.radio if r.key and r.key.startswith("review.verdict.")]
+    assert len(keys) == 1, keys
+    return keys[0].removeprefix("review.verdict.")
+
+
+def test_review_queue_lists_unreviewed_alerts_first(reachable: AppTest, verdicts_url: str
+                                                    ) -> None:
+    give(verdicts_url, PARQUET_ALERTS[1], "legit", note="known big spender")
+    app = open_review(reachable)
+    table = queue(app)
+    assert list(table["verdict"]) == ["unreviewed"] * 3 + ["legit"]
+    assert list(table["user_id"]) == ["u-kafka-only", "u-velocity", "u-normal", "u-high"], \
+        "unreviewed first, newest first"
+    assert table.loc[3, "analyst"] == "Grace"
+    assert under_review(app) == KAFKA_ONLY["alert_id"]
+    assert any(t.value.startswith("Rule") and "Evidence" in t.value and "k1" in t.value
+               and "5,000.00" in t.value for t in app.text), [t.value for t in app.text]
+
+    app.multiselect(key="review.rules").set_value([VELOCITY]).run()
+    assert list(queue(app)["user_id"]) == ["u-velocity", "u-normal"]
+    app.multiselect(key="review.rules").set_value([]).run()
+    app.multiselect(key="review.verdicts").set_value(["legit"]).run()
+    assert list(queue(app)["user_id"]) == ["u-high"]
+    app.multiselect(key="review.verdicts").set_value([]).run()
+    app.multiselect(key="review.analysts").set_value(["Grace"]).run()
+    assert list(queue(app)["user_id"]) == ["u-high"]
+
+
+def test_recording_a_verdict_from_the_queue_moves_on_to_the_next(
+        reachable: AppTest, verdicts_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ANALYST_ENV, "Ada")
+    app = open_review(reachable)
+    app.multiselect(key="review.verdicts").set_value(["unreviewed"]).run()
+    first = KAFKA_ONLY["alert_id"]
+    assert under_review(app) == first
+    assert not app.button(key=f"review.submit.{first}").disabled
+
+    # Submitting without a verdict records nothing and keeps the note.
+    app.text_input(key=f"review.note.{first}").set_value("card reported stolen")
+    app.button(key=f"review.submit.{first}").click().run()
+    assert any("Choose a verdict" in e.value for e in app.error)
+    assert stored(verdicts_url) == {}
+    assert under_review(app) == first
+
+    app.radio(key=f"review.verdict.{first}").set_value("fraud")
+    app.button(key=f"review.submit.{first}").click().run()
+    assert not app.exception
+    assert any("Recorded ` fraud `" in s.value for s in app.success), \
+        [m.value for m in (*app.success, *app.warning, *app.error)]
+    verdict = stored(verdicts_url)[first]
+    assert (verdict.verdict, verdict.analyst, verdict.note) == ("fraud", "Ada",
+                                                                "card reported stolen")
+    assert first not in set(queue(app)["alert_id"]), "it left the unreviewed filter"
+    # The next unreviewed alert, newest first: the high-value one (detected 190 s ago).
+    assert under_review(app) == PARQUET_ALERTS[1]["alert_id"]
+
+    app.multiselect(key="review.verdicts").set_value(["fraud"]).run()
+    assert list(queue(app)["alert_id"]) == [first]
+
+
+def test_live_table_shows_verdicts_and_the_detail_records_one(
+        reachable: AppTest, verdicts_url: str) -> None:
+    give(verdicts_url, PARQUET_ALERTS[0], "fraud", note="customer confirmed")
+    app = run_until(reachable, lambda a: "u-kafka-only" in table_users(a))
+    table = app.dataframe[0].value
+    verdicts = dict(zip(table["user_id"], table["verdict"], strict=True))
+    assert verdicts == {"u-velocity": "fraud", "u-high": "unreviewed",
+                        "u-normal": "unreviewed", "u-kafka-only": "unreviewed"}
+
+    alert = PARQUET_ALERTS[0]["alert_id"]
+    app.selectbox(key="live.alert").set_value(alert).run()
+    texts = [t.value for t in app.text]
+    assert any(t.startswith("Current verdict: fraud by Grace") and "customer confirmed" in t
+               for t in texts), texts
+    assert list(frame_with(app, "analyst", "note")["verdict"]) == ["fraud"]
+    assert all(app.button(key=f"live.decide.{alert}.{v}").disabled
+               for v in ("fraud", "legit", "unsure")), "no analyst name yet"
+    assert any("Enter your name as Analyst" in i.value for i in app.info)
+
+    app.sidebar.text_input(key=ANALYST_KEY).set_value("Ada").run()
+    app.text_input(key=f"live.note.{alert}").set_value("refund was a test")
+    app.button(key=f"live.decide.{alert}.legit").click().run()
+    assert not app.exception
+    assert any("Recorded ` legit `" in s.value for s in app.success)
+    assert stored(verdicts_url)[alert].analyst == "Ada"
+    trail = frame_with(app, "analyst", "note")
+    assert list(trail["verdict"]) == ["fraud", "legit"]
+    assert list(trail["analyst"]) == ["Grace", "Ada"]
+    table = app.dataframe[0].value.set_index("user_id")
+    assert table.loc["u-velocity", "verdict"] == "legit", "the newest verdict counts"
+
+
+def test_unreachable_verdict_database_is_read_only_and_pages_still_work(
+        reachable: AppTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VERDICTS_URL", "postgresql+psycopg://u@127.0.0.1:1/x")
+    monkeypatch.setenv(ANALYST_ENV, "Ada")
+
+    def read_only(app: AppTest) -> bool:
+        return any(w.value.startswith("Verdicts are read-only:") and "127.0.0.1:1" in w.value
+                   for w in app.warning)
+
+    app = run_until(reachable, lambda a: "u-kafka-only" in table_users(a))
+    assert read_only(app), [w.value for w in app.warning]
+    table = app.dataframe[0].value
+    assert len(table) == 4 and table["verdict"].isna().all(), "unknown, not unreviewed"
+    alert = PARQUET_ALERTS[0]["alert_id"]
+    app.selectbox(key="live.alert").set_value(alert).run()
+    assert not app.exception
+    assert app.button(key=f"live.decide.{alert}.fraud").disabled
+
+    app.switch_page("screens/review.py").run()
+    assert not app.exception
+    assert read_only(app)
+    assert len(queue(app)) == 4
+    assert app.button(key=f"review.submit.{under_review(app)}").disabled
+
+    app.switch_page("screens/quality.py").run()
+    assert not app.exception
+    assert read_only(app)
+    shown = app.dataframe[0].value.set_index("rule")
+    assert shown.loc[VELOCITY, "precision"] == "50.0%", "the label-based figures stay"
+    assert shown.loc[VELOCITY, "analyst_precision"] == "n/a"
+
+
+def test_quality_page_shows_analyst_precision_per_rule(reachable: AppTest, verdicts_url: str
+                                                       ) -> None:
+    give(verdicts_url, PARQUET_ALERTS[0], "fraud")
+    give(verdicts_url, PARQUET_ALERTS[2], "legit")
+    give(verdicts_url, PARQUET_ALERTS[1], "unsure")
+    give(verdicts_url, KAFKA_ONLY, "fraud")  # not in the Parquet history: not counted yet
+    reachable.run()
+    reachable.switch_page("screens/quality.py").run()
+    assert not reachable.exception
+    assert not reachable.warning
+    shown = reachable.dataframe[0].value.set_index("rule")
+    columns = ["reviewed", "confirmed_fraud", "analyst_precision"]
+    assert shown.loc[VELOCITY, columns].tolist() == [2, 1, "50.0%"]
+    assert shown.loc[HIGH_VALUE, columns].tolist() == [1, 0, "0.0%"]
+    assert shown.loc[MULTI_LOCATION, columns].tolist() == [0, 0, "n/a"]
+    assert shown.loc[VELOCITY, "precision"] == "50.0%", "the label-based figure beside it"
+    assert any("Not counted yet: 1 verdict(s)" in c.value for c in reachable.caption)
 
 
 # --- rules page --------------------------------------------------------------------------------
