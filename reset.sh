@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fraudstream: stop what setup.sh started and delete the project's generated state.
 #
-# Deletes exactly: run/ (checkpoints, logs, PID files, metrics) and the contents of
+# Deletes exactly: run/ (checkpoints, logs, PID files, metrics, the default verdict database
+# run/verdicts.db) and the contents of
 # parquet_data/ except parquet_data/.gitkeep. Local services are stopped through setup.sh's own
 # PID files (never by process name). When a Docker engine answers, the compose project
 # "fraudstream" is taken down with its volumes; no other container, image or volume is touched.
@@ -17,7 +18,9 @@ usage() {
 Usage: ./reset.sh [--yes]
 
 Stops the fraudstream services started by ./setup.sh and deletes the generated state:
-  run/                     checkpoints, logs, PID files, metrics
+  run/                     checkpoints, logs, PID files, metrics, and the analysts' verdicts
+                           in the default database run/verdicts.db (a VERDICTS_URL server
+                           is not touched)
   parquet_data/*           alerts and other datasets (parquet_data/.gitkeep is kept)
   Docker (if an engine answers): docker compose -p fraudstream down --volumes --remove-orphans
   (only this project's containers, network and named volumes; images are kept)
