@@ -1,4 +1,4 @@
-"""Benchmarks of issue #7: throughput, latency, memory and a Quix Streams peer.
+"""Benchmarks: throughput, latency, memory, rule changes and a Quix Streams peer.
 
 Each measurement is a module run from the repository root (``python -m benchmarks.<name>``); it
 prints a table and writes a JSON result (machine facts, versions, settings, raw samples) to

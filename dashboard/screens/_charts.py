@@ -201,3 +201,17 @@ if (Path(__file__).resolve().parents[1] / "static" / "world_110m.json").is_file(
 
 def chart(figure: go.Figure) -> None:
     st.plotly_chart(figure, config=PLOTLY_CONFIG)
+
+
+_MESSAGE_ICONS = {"success": ":material/check_circle:", "warning": ":material/cloud_off:",
+                  "error": ":material/block:"}
+
+
+def show_outcome(key: str, place: str) -> None:
+    """Show, once, the outcome an action kept under ``key`` (a callback runs before the page
+    draws, so it keeps ``(level, text, place)`` in the session) if it belongs at ``place``."""
+    message = st.session_state.get(key)
+    if message is None or message[2] != place:
+        return
+    level, text, _ = st.session_state.pop(key)
+    getattr(st, level)(text, icon=_MESSAGE_ICONS[level])

@@ -20,7 +20,7 @@ from dashboard.data.verdicts import (
     VerdictsSnapshot,
     trail_table,
 )
-from dashboard.screens._charts import code_span
+from dashboard.screens._charts import code_span, show_outcome
 
 #: (level, text, place): the outcome of the last decision.
 _MESSAGE = "verdicts.message"
@@ -53,16 +53,7 @@ def analyst_hint(analyst: str) -> None:
 
 
 def show_message(place: str) -> None:
-    message = st.session_state.get(_MESSAGE)
-    if message is None or message[2] != place:
-        return
-    level, text, _ = st.session_state.pop(_MESSAGE)
-    if level == "success":
-        st.success(text, icon=":material/check_circle:")
-    elif level == "warning":
-        st.warning(text, icon=":material/cloud_off:")
-    else:
-        st.error(text, icon=":material/block:")
+    show_outcome(_MESSAGE, place)
 
 
 def refuse(text: str, place: str) -> None:

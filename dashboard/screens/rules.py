@@ -23,7 +23,7 @@ from dashboard.data.rules import (
     refused,
     rules_in_force,
 )
-from dashboard.screens._charts import code_span
+from dashboard.screens._charts import code_span, show_outcome
 from fraudstream.rules.definition import RuleDefinition
 from fraudstream.rules.kinds import KINDS, Param, RuleKind
 
@@ -116,14 +116,7 @@ def _refresh() -> None:
 
 
 def show_message(place: str) -> None:
-    message = st.session_state.get(_MESSAGE)
-    if message is None or message[2] != place:
-        return
-    level, text, _ = st.session_state.pop(_MESSAGE)
-    if level == "success":
-        st.success(text, icon=":material/check_circle:")
-    else:
-        st.error(text, icon=":material/block:")
+    show_outcome(_MESSAGE, place)
 
 
 def param_input(param: Param, value: Any, key: str, disabled: bool = False) -> None:

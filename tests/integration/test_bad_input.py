@@ -89,7 +89,7 @@ BAD_INPUT: list[tuple[str, bytes | None, str]] = [
      schemas.INVALID_PAYMENT_METHOD),
     ("payment method in the wrong case", variant(payment_method="paypal"),
      schemas.INVALID_PAYMENT_METHOD),
-    # issue #6 additions
+    # more shapes of broken input
     ("truncated JSON", TEMPLATE[: len(TEMPLATE) // 2], schemas.INVALID_JSON),
     ("JSON array", b"[1, 2, 3]", schemas.NOT_AN_OBJECT),
     ("array of one transaction", b"[" + TEMPLATE + b"]", schemas.NOT_AN_OBJECT),
