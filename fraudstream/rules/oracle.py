@@ -24,7 +24,7 @@ from fraudstream.rules.definition import RuleDefinition, default_definitions
 from fraudstream.rules.kinds import MICROS, SpanKind, TransactionKind, Tx
 from fraudstream.rules.ruleset import RuleSet
 
-__all__ = ["alert_ids_by_rule", "event_us", "expected_alerts", "expected_alerts_piecewise"]
+__all__ = ["event_us", "expected_alerts", "expected_alerts_piecewise"]
 
 Row = Mapping[str, Any]
 Rules = RuleSet | Iterable[RuleDefinition] | None
@@ -132,11 +132,3 @@ def _alert(rule: RuleDefinition, user_id: str, window: list[Tx]) -> dict[str, An
         "window_start_us": window[0].event_us,
         "window_end_us": window[-1].event_us,
     }
-
-
-def alert_ids_by_rule(alerts: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
-    """Alert ids per rule_id (every default rule present, empty if it raised none)."""
-    out: dict[str, set[str]] = {d.rule_id: set() for d in default_definitions()}
-    for alert in alerts:
-        out.setdefault(alert["rule"], set()).add(alert["alert_id"])
-    return out

@@ -8,7 +8,6 @@ what it reports as "in force" is what the detector applies.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Mapping
@@ -134,8 +133,3 @@ class RulesTopic:
         if result["error"] is not None:
             raise RulesTopicError(f"publishing to {self.topic!r}: {result['error']}")
         return int(result["message"].offset())  # type: ignore[attr-defined]
-
-
-def records_json(changes: list[RuleChange]) -> str:
-    """The history as JSON lines (for ``export`` and tests)."""
-    return "\n".join(json.dumps(change.to_record()) for change in changes)
