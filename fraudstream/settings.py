@@ -644,6 +644,12 @@ _VERDICTS_URL_HELP = ("database of analysts' verdicts: sqlite:///PATH (embedded 
                       "first use) or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE")
 
 
+def _verdicts_url_setting() -> Any:
+    # No flag: the URL may hold a password, which a flag would show in `ps`.
+    return setting(VERDICTS_URL_DEFAULT, env="VERDICTS_URL", secret=True, cli=False,
+                   help=_VERDICTS_URL_HELP)
+
+
 def _check_verdicts_url(settings: ConsumerSettings | DashboardSettings) -> None:
     """A URL no database can be opened with stops start-up, not the first verdict."""
     from fraudstream.verdicts.model import check_store_url
@@ -683,11 +689,7 @@ class ConsumerSettings(KafkaSettings):
         Path("parquet_data"), env="PARQUET_DIR",
         help="Parquet output root; --verdict looks the alert up in its alerts/ folder",
     )
-    verdicts_url: str = setting(
-        # No flag: the URL may hold a password, which a flag would show in `ps`.
-        VERDICTS_URL_DEFAULT, env="VERDICTS_URL", secret=True, cli=False,
-        help=_VERDICTS_URL_HELP,
-    )
+    verdicts_url: str = _verdicts_url_setting()
 
     def validate(self) -> None:
         super().validate()
@@ -720,11 +722,7 @@ class DashboardSettings(KafkaSettings):
         env="RETENTION_SECONDS", minimum=1,
         help="the detector's retention horizon: rules with a longer window are refused",
     )
-    verdicts_url: str = setting(
-        # No flag: the URL may hold a password, which a flag would show in `ps`.
-        VERDICTS_URL_DEFAULT, env="VERDICTS_URL", secret=True, cli=False,
-        help=_VERDICTS_URL_HELP,
-    )
+    verdicts_url: str = _verdicts_url_setting()
 
     def validate(self) -> None:
         super().validate()

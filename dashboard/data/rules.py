@@ -19,8 +19,6 @@ No Streamlit in here: ``resources`` keeps one ``RulesStore`` per process.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 from confluent_kafka import KafkaException
 
+from dashboard.data.expiring import Expiring
 from dashboard.data.kafka import QUIET
 from dashboard.data.parquet import DatasetCache
 from fraudstream.datasets import RULE_CHANGES_SCHEMA
@@ -104,11 +103,9 @@ class RulesStore:
                  retention_seconds: float, max_age: float = 3.0, timeout: float = 5.0) -> None:
         self.topic = RulesTopic({**client_config, **QUIET}, topic, timeout=timeout)
         self.horizon_us = round(retention_seconds * MICROS)
-        self.max_age = max_age
         self._log = DatasetCache(Path(parquet_dir), RULE_CHANGES_DATASET, RULE_CHANGES_SCHEMA)
-        self._snapshot = RulesSnapshot(RuleSet(), (), None, "not read yet")
-        self._read_monotonic: float | None = None
-        self._lock = threading.Lock()
+        self._snapshot = Expiring(self._read, RulesSnapshot(RuleSet(), (), None, "not read yet"),
+                                  max_age)
 
     @property
     def topic_name(self) -> str:
@@ -116,20 +113,13 @@ class RulesStore:
 
     def snapshot(self, refresh: bool = False) -> RulesSnapshot:
         """The rules in force and the topic's records; re-read when older than ``max_age``."""
-        with self._lock:
-            fresh = (self._read_monotonic is not None
-                     and time.monotonic() - self._read_monotonic < self.max_age)
-            if refresh or not fresh:
-                self._snapshot = self._read()
-                self._read_monotonic = time.monotonic()
-            return self._snapshot
+        return self._snapshot.get(refresh)
 
-    def _read(self) -> RulesSnapshot:
+    def _read(self, previous: RulesSnapshot) -> RulesSnapshot:
         try:
             ruleset, changes = self.topic.state(self.horizon_us)
         except (RuntimeError, KafkaException) as exc:
             # Keep showing the last good read: the rules in force did not vanish with the broker.
-            previous = self._snapshot
             return RulesSnapshot(previous.ruleset, previous.changes, previous.read_at,
                                  str(exc.args[0]) if exc.args else str(exc))
         return RulesSnapshot(ruleset, tuple(changes), utc_now())

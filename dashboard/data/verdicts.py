@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import KafkaException
 
+from dashboard.data.expiring import Expiring
 from dashboard.data.kafka import QUIET
 from fraudstream.schemas import utc_now
 from fraudstream.verdicts.model import FRAUD, VERDICTS, Verdict, VerdictError, make_verdict
@@ -116,7 +117,6 @@ class VerdictDesk:
         self.url = url
         self.display_url = store_url_for_display(url)
         self.topic = topic
-        self.max_age = max_age
         self.retry_seconds = retry_seconds
         self.timeout = timeout
         self.publish_timeout = publish_timeout
@@ -125,23 +125,17 @@ class VerdictDesk:
         self._publisher: VerdictPublisher | None = None
         self._error: str | None = None
         self._failed_at: float | None = None
-        self._snapshot = VerdictsSnapshot({}, None)
-        self._read_monotonic: float | None = None
         self._lock = threading.Lock()
+        self._snapshot = Expiring(self._read, VerdictsSnapshot({}, None), max_age, self._lock)
 
     # --- reading ------------------------------------------------------------------------------
 
     def snapshot(self, refresh: bool = False) -> VerdictsSnapshot:
         """The newest verdict per alert; re-read when older than ``max_age``."""
-        with self._lock:
-            fresh = (self._read_monotonic is not None
-                     and time.monotonic() - self._read_monotonic < self.max_age)
-            if refresh or not fresh:
-                self._snapshot = self._read()
-                self._read_monotonic = time.monotonic()
-            return self._snapshot
+        return self._snapshot.get(refresh)
 
-    def _read(self) -> VerdictsSnapshot:
+    def _read(self, previous: VerdictsSnapshot) -> VerdictsSnapshot:
+        """(Called with the lock held.)"""
         store = self._open()
         if store is not None:
             try:
@@ -149,7 +143,7 @@ class VerdictDesk:
             except VerdictStoreError as exc:
                 self._fail(exc)
         # Keep showing the last good read: the verdicts did not vanish with the database.
-        return replace(self._snapshot, error=self._error)
+        return replace(previous, error=self._error)
 
     def trail(self, alert_id: str) -> tuple[list[RecordedVerdict], str | None]:
         """Every verdict recorded on ``alert_id``, oldest first, and why it could not be read
@@ -201,7 +195,7 @@ class VerdictDesk:
         finally:
             with self._lock:
                 # Even a failed attempt may have stored something: read afresh next time.
-                self._read_monotonic = None
+                self._snapshot.expire()
 
     # --- the database and the topic -----------------------------------------------------------
 

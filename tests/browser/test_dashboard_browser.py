@@ -36,7 +36,6 @@ from conftest import read_topic
 from support.browser import (
     GRID_SNAPSHOT,
     REPO,
-    chromium,
     new_page,
     served_dashboard,
     settled,
@@ -157,12 +156,6 @@ class Served:
     pipeline: Pipeline
     bootstrap: str
     refresh_seconds: float  # the live page's refresh interval, as the dashboard reads it
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with chromium() as launched:
-        yield launched
 
 
 @pytest.fixture(scope="module")

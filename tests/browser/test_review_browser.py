@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import read_topic
 from support.browser import (
-    chromium,
     new_page,
     served_dashboard,
     settled,
@@ -54,12 +52,6 @@ from fraudstream.verdicts.store import VerdictStore
 ANALYST = "Browser Analyst"
 NOTE = "customer confirmed the card was stolen"
 NOW = datetime.now(UTC).replace(microsecond=0)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with chromium() as launched:
-        yield launched
 
 
 def _transaction(tid: str, user: str, seconds_ago: int, amount: float) -> dict[str, Any]:

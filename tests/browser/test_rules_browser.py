@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 from support.browser import (
-    chromium,
     new_page,
     served_dashboard,
     settled,
@@ -38,12 +37,6 @@ from fraudstream.schemas import VELOCITY
 
 ANALYST = "Browser Analyst"
 RETENTION_SECONDS = 600
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with chromium() as launched:
-        yield launched
 
 
 @dataclass(frozen=True)
