@@ -158,6 +158,25 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     raise SettingsError(key, f"unsupported setting type {base!r}")
 
 
+#: ``<scheme>://...`` (a scheme of two or more letters). ``Path`` folds ``//`` into ``/``, so the
+#: converted value of ``s3a://bucket/x`` reads ``s3a:/bucket/x``; one slash is enough to match.
+_URL_PATH = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def _check_local_paths(settings: BaseSettings, *names: str) -> None:
+    """A storage URL would silently become a local folder named ``s3a:``; refuse it instead."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if match := _URL_PATH.match(str(value)):
+            raise SettingsError(
+                settings.field_key(name),
+                f"{match.group(1)}:// is a URL; only local (or mounted network) paths are "
+                "supported in this build; remote object storage is not wired yet",
+            )
+
+
 class BaseSettings:
     """Mixin for frozen settings dataclasses: generic range/choice checks after construction."""
 
@@ -537,6 +556,19 @@ class DetectorSettings(KafkaSettings):
         "earliest", env="STARTING_OFFSETS", choices=("earliest", "latest"),
         help="where a query without a checkpoint starts",
     )
+    on_broker_reset: str = setting(
+        "fail", env="ON_BROKER_RESET", choices=("fail", "new-epoch"),
+        help="what to do when the broker no longer holds the checkpoint's offsets (topic "
+             "recreated, memory-only broker restarted, retention cut): fail = stop with a "
+             "message naming the cause and the fix; new-epoch = archive the checkpoint under "
+             "<CHECKPOINT_DIR>/archived/ and start a new epoch from the new topic's earliest "
+             "offsets, keeping all Parquet (what ./setup.sh local mode uses)",
+    )
+    compact_every_minutes: float = setting(
+        60.0, env="COMPACT_EVERY_MINUTES", minimum=0,
+        help="how often the running detector merges the closed hours of its Parquet history "
+             "into few files (python -m spark_job.compact does it by hand); 0 = never",
+    )
     max_rows_per_batch: int = setting(
         200_000, env="MAX_ROWS_PER_BATCH", minimum=0, help="row limit per micro-batch; 0 = none"
     )
@@ -547,9 +579,9 @@ class DetectorSettings(KafkaSettings):
         False, env="AVAILABLE_NOW", help="process everything available, then exit 0"
     )
     source: str = setting(
-        "python", env="KAFKA_SOURCE", choices=("python", "spark-kafka"),
-        help="Kafka source: the built-in Python source, or Spark's JVM connector if on the "
-             "classpath",
+        "python", env="KAFKA_SOURCE", choices=("python",),
+        help="Kafka source: the built-in Python source (Spark's JVM Kafka connector is not "
+             "supported in this build)",
     )
     spark_master: str = setting("local[2]", env="SPARK_MASTER", help="Spark master URL")
     driver_memory: str = setting(
@@ -612,6 +644,7 @@ class DetectorSettings(KafkaSettings):
 
     def validate(self) -> None:
         super().validate()
+        _check_local_paths(self, "parquet_dir", "checkpoint_dir")
         if not re.fullmatch(r"[1-9][0-9]*[kmgt]?", self.driver_memory.strip().lower()):
             raise SettingsError(self.field_key("driver_memory"),
                                 f"expected a JVM size like 1g or 1536m, got {self.driver_memory!r}")
@@ -693,6 +726,7 @@ class ConsumerSettings(KafkaSettings):
 
     def validate(self) -> None:
         super().validate()
+        _check_local_paths(self, "parquet_dir")
         _check_verdicts_url(self)
 
 
@@ -726,6 +760,7 @@ class DashboardSettings(KafkaSettings):
 
     def validate(self) -> None:
         super().validate()
+        _check_local_paths(self, "parquet_dir")
         _check_verdicts_url(self)
 
     @property
@@ -763,6 +798,10 @@ class RulesSettings(KafkaSettings):
         15.0, env="RULES_TIMEOUT", minimum=0.1,
         help="seconds to wait for the broker, and for each read or write of the rules topic",
     )
+
+    def validate(self) -> None:
+        super().validate()
+        _check_local_paths(self, "parquet_dir")
 
     @property
     def retention_us(self) -> int:

@@ -18,6 +18,7 @@ from fraudstream.settings import (
     DetectorSettings,
     KafkaSettings,
     ProducerSettings,
+    RulesSettings,
     SettingsError,
     env_names,
     load_settings,
@@ -149,6 +150,10 @@ def test_settings_are_frozen() -> None:
     (ConsumerSettings, [], {"CONSUMER_FROM_BEGINNING": "maybe"}, "CONSUMER_FROM_BEGINNING",
      "true/false"),
     (DetectorSettings, [], {"STARTING_OFFSETS": "middle"}, "STARTING_OFFSETS", "earliest"),
+    (DetectorSettings, [], {"ON_BROKER_RESET": "ignore"}, "ON_BROKER_RESET", "fail, new-epoch"),
+    (DetectorSettings, ["--on-broker-reset", "reset"], {}, "--on-broker-reset", "new-epoch"),
+    (DetectorSettings, [], {"KAFKA_SOURCE": "spark-kafka"}, "KAFKA_SOURCE",
+     "must be one of python"),
     (BrokerSettings, ["--port", "70000"], {}, "--port", "must be <= 65535"),
 ])
 def test_invalid_values_name_the_key(cls: type, argv: list[str], environ: dict[str, str],
@@ -342,3 +347,61 @@ def test_driver_memory_takes_a_jvm_size_and_names_the_key_otherwise() -> None:
     with pytest.raises(SettingsError, match=r"driver[_-]memory|SPARK_DRIVER_MEMORY") as caught:
         DetectorSettings(driver_memory="lots")
     assert "1g" in str(caught.value)
+
+
+def test_on_broker_reset_defaults_to_fail_and_takes_new_epoch(tmp_path: Path) -> None:
+    assert load_settings(DetectorSettings, [], {})[0].on_broker_reset == "fail"
+    settings, _ = load_settings(DetectorSettings, [], {"ON_BROKER_RESET": "new-epoch"})
+    assert settings.on_broker_reset == "new-epoch"
+    config = write(tmp_path, "detector:\n  on_broker_reset: new-epoch\n")
+    assert load_settings(DetectorSettings, ["--config", config], {})[0].on_broker_reset == (
+        "new-epoch")
+    assert "ON_BROKER_RESET" in env_names(DetectorSettings)
+
+
+def test_kafka_source_still_accepts_python() -> None:
+    settings, _ = load_settings(DetectorSettings, [], {"KAFKA_SOURCE": "python"})
+    assert settings.source == "python"
+
+
+# --- storage paths -----------------------------------------------------------------------------
+
+STORAGE_PATHS = [
+    (DetectorSettings, "PARQUET_DIR"), (DetectorSettings, "CHECKPOINT_DIR"),
+    (ConsumerSettings, "PARQUET_DIR"), (DashboardSettings, "PARQUET_DIR"),
+    (RulesSettings, "PARQUET_DIR"),
+]
+
+
+@pytest.mark.parametrize(("cls", "env"), STORAGE_PATHS)
+@pytest.mark.parametrize("url", ["s3a://bucket/fraudstream/x", "hdfs:///fraudstream/x",
+                                 "gs://bucket/x", "file:///tmp/x"])
+def test_storage_urls_are_refused_naming_the_key(cls: type, env: str, url: str) -> None:
+    error = error_of(cls, [], {env: url})
+    assert env in error.key
+    scheme = url.split(":", 1)[0]
+    assert f"{scheme}://" in error.message
+    assert "only local (or mounted network) paths are supported" in error.message
+    assert "remote object storage is not wired yet" in error.message
+
+
+@pytest.mark.parametrize(("cls", "env"), STORAGE_PATHS)
+def test_storage_urls_are_refused_from_flags_and_yaml(tmp_path: Path, cls: type, env: str
+                                                      ) -> None:
+    name = env.lower()
+    error = error_of(cls, ["--" + name.replace("_", "-"), "s3a://bucket/x"])
+    assert "--" + name.replace("_", "-") in error.key
+    config = write(tmp_path, f"{cls.SECTION}:\n  {name}: hdfs:///x\n")
+    error = error_of(cls, ["--config", config])
+    assert f"{cls.SECTION}.{name}" in error.key and "hdfs://" in error.message
+
+
+@pytest.mark.parametrize("path", ["/mnt/nfs/fraudstream", "run/checkpoint", "~/data",
+                                  "/data/a:b/c", "C:/data"])
+def test_local_and_mounted_paths_are_accepted(path: str) -> None:
+    settings, _ = load_settings(DetectorSettings, [], {"PARQUET_DIR": path,
+                                                       "CHECKPOINT_DIR": path})
+    assert settings.parquet_dir == settings.checkpoint_dir == Path(path).expanduser()
+    for cls in (ConsumerSettings, DashboardSettings, RulesSettings):
+        assert load_settings(cls, [], {"PARQUET_DIR": path})[0].parquet_dir == (
+            Path(path).expanduser())
