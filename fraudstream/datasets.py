@@ -1,17 +1,49 @@
-"""Arrow schemas of the Parquet datasets under ``parquet_data/`` (writers and readers share them).
+"""The Parquet datasets under ``parquet_data/``: their schemas, their layout, and the one reader.
 
-The detector writes these folders (``batch_id=<N>/part-0.parquet``, see ``spark_job.sinks``);
-the dashboard and the quality command read them. Column names follow the contracts in
-``fraudstream.schemas``.
+Layout (the durable history; nothing here is ever replaced by another run)::
+
+    <dataset>/epoch=<epoch id>/batch_id=<n>/part-0.parquet        one micro-batch of one run
+    <dataset>/epoch=<epoch id>/compacted=<a>-<b>/part-0.parquet   batches a..b of that run, merged
+    <dataset>/batch_id=<n>/part-0.parquet                          written before epochs existed
+
+An *epoch* is one checkpoint's life (``spark_job.epochs``): a new ``CHECKPOINT_DIR`` or a broker
+reset starts a new one, so batch ids that restart at 0 land in a new folder instead of replacing
+the earlier run's. Within an epoch a replayed batch rewrites only its own file (the same input
+gives the same rows), which keeps Parquet exactly-once under crashes.
+
+Reading (``dataset_files`` / ``read_dataset``): every epoch, in order of its id (ids sort by
+start time), batches in numeric order; a ``batch_id`` folder covered by a committed
+``compacted`` folder of the same epoch is skipped (compaction writes the merged file first, then
+deletes the batches, so a reader sees each row once at every moment); names starting with ``_``
+or ``.`` are writers' temporary files and never data. Two epochs may hold the same item (a new
+checkpoint re-reading the same topic), so readers keep the first row per identity
+(``IDENTITY``).
+
+Column names follow the contracts in ``fraudstream.schemas``.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from fraudstream.schemas import ALERT_FIELDS
+from fraudstream.schemas import (
+    ALERT_FIELDS,
+    ALERTS_DATASET,
+    DLQ_DATASET,
+    RULE_CHANGES_DATASET,
+    TRANSACTIONS_DATASET,
+)
+
+log = logging.getLogger(__name__)
 
 _TS: Final = pa.timestamp("us", tz="UTC")
 
@@ -51,3 +83,142 @@ RULE_CHANGES_SCHEMA: Final = pa.schema([
     ("updated_at", pa.string()), ("updated_by", pa.string()), ("raw", pa.string()),
     ("offset", pa.int64()), ("applied_at", _TS),
 ])
+
+
+#: What makes two rows of a dataset the same item (alert ids are deterministic; a transaction id
+#: is the producer's; a rejected record is its Kafka coordinates; a rules record its offset and
+#: text). Readers keep the first row per identity across epochs.
+IDENTITY: Final[dict[str, tuple[str, ...]]] = {
+    ALERTS_DATASET: ("alert_id",),
+    TRANSACTIONS_DATASET: ("transaction_id",),
+    DLQ_DATASET: ("topic", "partition", "offset", "kafka_timestamp"),
+    RULE_CHANGES_DATASET: ("offset", "raw", "status"),
+}
+
+EPOCH_PREFIX: Final = "epoch="
+BATCH_PREFIX: Final = "batch_id="
+COMPACTED_PREFIX: Final = "compacted="
+PART_FILE: Final = "part-0.parquet"
+_COMPACTED = re.compile(r"^compacted=(\d+)-(\d+)$")
+
+
+def epoch_folder(parquet_dir: Path, dataset: str, epoch: str) -> Path:
+    """Where one epoch of a dataset keeps its batch folders."""
+    return Path(parquet_dir) / dataset / f"{EPOCH_PREFIX}{epoch}"
+
+
+def batch_folder(epoch_root: Path, batch_id: int) -> Path:
+    return epoch_root / f"{BATCH_PREFIX}{batch_id}"
+
+
+def compacted_ranges(folder: Path, names: Sequence[str]) -> list[tuple[int, int]]:
+    """The batch ranges of ``folder``'s committed compacted folders (their file is in place)."""
+    ranges = []
+    for name in names:
+        match = _COMPACTED.match(name)
+        if match and (folder / name / PART_FILE).is_file():
+            ranges.append((int(match[1]), int(match[2])))
+    return ranges
+
+
+def _folder_order(name: str) -> tuple[int, str, int]:
+    """Legacy batch folders first, then epochs by id; batches by number, not by text."""
+    if name.startswith(BATCH_PREFIX):
+        number = name[len(BATCH_PREFIX):]
+        return (0, "", int(number) if number.isdigit() else -1)
+    match = _COMPACTED.match(name)
+    if match:
+        return (0, "", int(match[1]))
+    return (1, name, 0)
+
+
+def dataset_files(root: Path, dataset: str) -> list[Path]:
+    """The committed Parquet files of one dataset, in history order (see the module docstring)."""
+    base = Path(root) / dataset
+    files: list[Path] = []
+    # os.walk ignores folders that vanish while it walks (compaction deleting covered batches).
+    for folder, subfolders, names in os.walk(base):
+        here = Path(folder)
+        covered = compacted_ranges(here, subfolders)
+        kept = []
+        for name in subfolders:
+            if name.startswith(("_", ".")):
+                continue
+            if name.startswith(BATCH_PREFIX) and covered:
+                number = name[len(BATCH_PREFIX):]
+                if number.isdigit() and any(a <= int(number) <= b for a, b in covered):
+                    continue
+            kept.append(name)
+        subfolders[:] = sorted(kept, key=_folder_order)
+        files.extend(here / name for name in sorted(names)
+                     if name.endswith(".parquet") and not name.startswith(("_", ".")))
+    return files
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in order and of its types."""
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            column = table[field.name]
+            columns.append(column if column.type == field.type
+                           else column.cast(field.type, safe=False))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def read_parquet_file(
+    path: Path, schema: pa.Schema, row_filter: pc.Expression | None = None
+) -> pa.Table | None:
+    """One file conformed to ``schema`` (missing columns become nulls, types are cast), or None
+    with a logged warning if the file is unreadable or vanished (compacted away) meanwhile."""
+    try:
+        with pq.ParquetFile(path) as parquet_file:
+            present = [name for name in schema.names if name in parquet_file.schema_arrow.names]
+            table = parquet_file.read(columns=present)
+        table = conform(table, schema)
+        return table.filter(row_filter) if row_filter is not None else table
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        log.warning("skipping unreadable Parquet file %s: %s", path, exc)
+        return None
+
+
+def first_of_each(table: pa.Table, dataset: str) -> pa.Table:
+    """``table`` without repeats: the first row of each identity (``IDENTITY``), order kept.
+    A table lacking the identity columns, or a dataset without one, is returned as it is."""
+    keys = IDENTITY.get(dataset)
+    if not keys or table.num_rows < 2 or not set(keys) <= set(table.column_names):
+        return table
+    numbered = table.select(list(keys)).append_column(
+        "__row", pa.array(range(table.num_rows), pa.int64()))
+    first = numbered.group_by(list(keys), use_threads=False).aggregate([("__row", "min")])
+    rows = first.column("__row_min")
+    if len(rows) == table.num_rows:
+        return table
+    return table.take(pc.take(rows, pc.sort_indices(rows)))
+
+
+def read_dataset(
+    root: Path, dataset: str, schema: pa.Schema, row_filter: pc.Expression | None = None,
+    *, distinct: bool = True,
+) -> pa.Table:
+    """Every committed row of a dataset as one table with ``schema`` (empty if none), each item
+    once (``distinct``; identity columns are read for it even when ``schema`` leaves them out)."""
+    keys = IDENTITY.get(dataset, ()) if distinct else ()
+    extra = [name for name in keys if name not in schema.names]
+    source = {ALERTS_DATASET: ALERTS_SCHEMA, TRANSACTIONS_DATASET: TRANSACTIONS_SCHEMA,
+              DLQ_DATASET: DLQ_SCHEMA, RULE_CHANGES_DATASET: RULE_CHANGES_SCHEMA}.get(dataset)
+    read_schema = schema
+    if extra and source is not None:
+        read_schema = pa.schema([*schema, *(source.field(name) for name in extra)])
+    tables = [table for path in dataset_files(root, dataset)
+              if (table := read_parquet_file(path, read_schema, row_filter)) is not None]
+    if not tables:
+        return schema.empty_table()
+    table = pa.concat_tables(tables)
+    if distinct:
+        table = first_of_each(table, dataset)
+    return table.select(schema.names)

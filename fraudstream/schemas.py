@@ -160,10 +160,9 @@ def to_json_ready(record: dict[str, Any]) -> dict[str, Any]:
 
 # --- Parquet layout and detector metrics --------------------------------------------------------
 
-#: Datasets under the Parquet root. Each is written by Spark per micro-batch as
-#: ``<dataset>/batch_id=<N>/part-*.parquet`` (hive-style), overwritten whole when a batch is
-#: replayed, so a replay never leaves duplicate rows.
-#: Read with pyarrow.dataset(partitioning="hive").
+#: Datasets under the Parquet root, written per micro-batch as
+#: ``<dataset>/epoch=<id>/batch_id=<N>/part-0.parquet`` and read with
+#: ``fraudstream.datasets.read_dataset`` (layout, epochs and compaction explained there).
 ALERTS_DATASET: Final = "alerts"
 TRANSACTIONS_DATASET: Final = "transactions"
 DLQ_DATASET: Final = "dlq"

@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -42,8 +41,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from fraudstream.datasets import read_dataset
 from fraudstream.logs import setup_logging
 from fraudstream.rules.kinds import MICROS
 from fraudstream.schemas import ALERTS_DATASET, RULES, TRANSACTIONS_DATASET
@@ -175,67 +174,6 @@ def format_report(report: pd.DataFrame) -> str:
     for column in ("precision", "recall"):
         shown[column] = shown[column].map(format_ratio)
     return shown.reset_index().to_string(index=False)
-
-
-# --- reading the Parquet history ----------------------------------------------------------------
-
-
-def dataset_files(root: Path, dataset: str) -> list[Path]:
-    """The Parquet files of one dataset, in path order.
-
-    Paths with a component starting with ``_`` or ``.`` are skipped: they are writers' temporary
-    files and markers (``.part-*.tmp``, ``_SUCCESS``, ``_temporary/``), never finished data.
-    """
-    base = Path(root) / dataset
-    files: list[Path] = []
-    # os.walk ignores folders that vanish while it walks (a batch being replaced).
-    for folder, subfolders, names in os.walk(base):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith(("_", ".")))
-        files.extend(
-            Path(folder) / name for name in sorted(names)
-            if name.endswith(".parquet") and not name.startswith(("_", "."))
-        )
-    return files
-
-
-def read_parquet_file(
-    path: Path, schema: pa.Schema, row_filter: pc.Expression | None = None
-) -> pa.Table | None:
-    """One file conformed to ``schema`` (missing columns become nulls, types are cast), or None
-    with a logged warning if the file is unreadable or still being written."""
-    try:
-        with pq.ParquetFile(path) as parquet_file:
-            present = [name for name in schema.names if name in parquet_file.schema_arrow.names]
-            table = parquet_file.read(columns=present)
-        table = conform(table, schema)
-        return table.filter(row_filter) if row_filter is not None else table
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        log.warning("skipping unreadable Parquet file %s: %s", path, exc)
-        return None
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with exactly ``schema``'s columns, in order and of its types."""
-    columns = []
-    for field in schema:
-        if field.name in table.column_names:
-            column = table[field.name]
-            columns.append(column if column.type == field.type
-                           else column.cast(field.type, safe=False))
-        else:
-            columns.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def read_dataset(
-    root: Path, dataset: str, schema: pa.Schema, row_filter: pc.Expression | None = None
-) -> pa.Table:
-    """Every readable file of a dataset as one table (empty, with ``schema``, if none)."""
-    tables = [
-        table for path in dataset_files(root, dataset)
-        if (table := read_parquet_file(path, schema, row_filter)) is not None
-    ]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def load_report(parquet_dir: Path, spans: Mapping[str, float]) -> pd.DataFrame:

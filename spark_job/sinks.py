@@ -3,8 +3,9 @@
 Spark replays a batch whose commit did not reach the checkpoint with the same offsets, so the
 same input and (the alert ids being deterministic) the same alerts. Sinks make that safe:
 
-- Parquet sinks overwrite the folder ``batch_id=<N>`` of their dataset whole, so a replay leaves
-  exactly one copy: exactly-once in Parquet.
+- Parquet sinks write under their epoch's folder (``<dataset>/epoch=<id>/``, see
+  ``fraudstream.datasets``) and replace the file of ``batch_id=<N>`` whole, so a replay leaves
+  exactly one copy (exactly-once in Parquet), and no other run's files are ever touched.
 - Kafka sinks use an idempotent producer and wait for every delivery before the batch may
   commit; a replay may publish an alert again, so Kafka is at-least-once with ``alert_id`` as the
   deduplication key (the console consumer and the dashboard deduplicate on it).
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from confluent_kafka import KafkaError, Producer
 
 from fraudstream import datasets, schemas
+from fraudstream.datasets import batch_folder
 from fraudstream.rules.kinds import ansi_colour
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,10 @@ class SinkError(RuntimeError):
     """An output could not be written; the batch must not commit (it will be replayed)."""
 
 
-def batch_folder(root: Path, batch_id: int) -> Path:
-    return root / f"batch_id={batch_id}"
-
-
 class ParquetBatchSink:
     """One Parquet file per batch at ``<root>/batch_id=<N>/part-0.parquet``, replaced atomically;
-    an empty batch leaves no folder (and removes one a previous attempt wrote)."""
+    an empty batch leaves no folder (and removes one a previous attempt wrote). ``root`` is one
+    epoch's folder of a dataset: only this run replays into it."""
 
     def __init__(self, root: Path, schema: pa.Schema) -> None:
         self.root = root

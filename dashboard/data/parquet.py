@@ -1,9 +1,10 @@
 """The detector's Parquet history, read incrementally while the detector keeps writing it.
 
-Files are immutable once renamed into place and a replayed batch replaces its folder whole, so a
-file is identified by (path, mtime, size): each refresh lists the dataset and reads only what is
-new or changed. A file that cannot be read (still being written, corrupt) is skipped with one
-warning and retried once it changes.
+Files are immutable once renamed into place and a replayed batch replaces its own file whole, so
+a file is identified by (path, mtime, size): each refresh lists the dataset (every epoch,
+compacted folders in place of the batches they cover, ``fraudstream.datasets``) and reads only
+what is new or changed; an item held by two epochs is kept once. A file that cannot be read
+(still being written, corrupt) is skipped with one warning and retried once it changes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from fraudstream.datasets import DLQ_SCHEMA, TRANSACTIONS_SCHEMA
-from spark_job.quality import dataset_files, read_parquet_file
+from fraudstream.datasets import (
+    DLQ_SCHEMA,
+    TRANSACTIONS_SCHEMA,
+    dataset_files,
+    first_of_each,
+    read_parquet_file,
+)
 
 #: The transaction columns the dashboard keeps in memory (evidence, amounts, quality).
 TRANSACTION_VIEW_SCHEMA = pa.schema([
@@ -83,7 +89,8 @@ class DatasetCache:
             if changed or current.keys() != self._files.keys():
                 self._files = current
                 tables = [table for _, table in current.values()]
-                self._table = pa.concat_tables(tables) if tables else self.schema.empty_table()
+                self._table = (first_of_each(pa.concat_tables(tables), self.dataset) if tables
+                               else self.schema.empty_table())
                 self.version += 1
             return self._table, self.version
 

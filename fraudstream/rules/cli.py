@@ -458,18 +458,15 @@ def _utc_from_us(us: int) -> datetime:
 
 
 def read_parquet_history(parquet_dir: Path) -> list[dict[str, Any]]:
-    """Rows of the detector's ``rule_changes`` dataset (empty when there is none). It is the
-    durable history: the topic is compacted, so old versions survive only here."""
+    """Rows of the detector's ``rule_changes`` dataset, every epoch in order (empty when there is
+    none). It is the durable history: the topic is compacted, so old versions survive only here."""
     folder = parquet_dir / RULE_CHANGES_DATASET
     if not folder.is_dir():
         return []
     try:
-        import pyarrow.dataset as ds  # only `history` needs Arrow
+        from fraudstream.datasets import RULE_CHANGES_SCHEMA, read_dataset  # needs Arrow
 
-        from fraudstream.datasets import RULE_CHANGES_SCHEMA
-
-        table = ds.dataset(folder, format="parquet", partitioning="hive",
-                           schema=RULE_CHANGES_SCHEMA).to_table()
+        table = read_dataset(parquet_dir, RULE_CHANGES_DATASET, RULE_CHANGES_SCHEMA)
     except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
         print(f"{PROG}: warning: cannot read {folder}, showing the topic only: "
               f"{_one_line(str(exc))}", file=sys.stderr)

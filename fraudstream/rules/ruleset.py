@@ -24,7 +24,7 @@ from fraudstream.rules.definition import (
 )
 from fraudstream.rules.kinds import MICROS
 
-__all__ = ["APPLIED", "DELETED", "REFUSED", "RuleChange", "RuleSet"]
+__all__ = ["APPLIED", "DELETED", "REFUSED", "RuleChange", "RuleSet", "rules_in_force"]
 
 APPLIED: Final = "applied"
 DELETED: Final = "deleted"
@@ -177,3 +177,23 @@ class RuleSet:
             return cls()
         return cls({d.rule_id: d for d in map(definition_from_dict, data["rules"])},
                    dict(data.get("retired", {})))
+
+
+def rules_in_force(history: Iterable[Mapping[str, Any]]) -> list[RuleDefinition]:
+    """The definitions in force at the end of a rule history (``RuleChange.to_record`` rows in
+    the order applied, e.g. the detector's ``rule_changes`` Parquet across epochs). Refused
+    rows changed nothing; a row that no longer validates is skipped."""
+    rules: dict[str, RuleDefinition] = {}
+    for row in history:
+        rule_id = row.get("rule_id")
+        if row.get("status") == DELETED and rule_id:
+            rules.pop(rule_id, None)
+        elif row.get("status") == APPLIED and rule_id:
+            try:
+                rules[rule_id] = definition_from_dict({
+                    "rule_id": rule_id, "kind": row.get("kind"), "version": row.get("version"),
+                    "enabled": row.get("enabled"), "params": json.loads(row.get("params") or "{}"),
+                    "updated_at": row.get("updated_at"), "updated_by": row.get("updated_by")})
+            except (DefinitionError, ValueError):
+                continue
+    return list(rules.values())

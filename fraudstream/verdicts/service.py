@@ -52,17 +52,12 @@ def decide(store: VerdictStore, verdict: Verdict, *, known: Callable[[str], bool
 
 
 def parquet_alert_ids(parquet_dir: Path) -> set[str]:
-    """Every alert id in ``<parquet_dir>/alerts/`` (all batches; empty if there is none).
+    """Every alert id in ``<parquet_dir>/alerts/`` (every epoch and batch; empty if there is
+    none). An unreadable file is skipped with a logged warning."""
+    import pyarrow as pa  # only this function needs Arrow
 
-    Raises OSError or ValueError (pyarrow's errors derive from them) for an unreadable file.
-    """
-    folder = Path(parquet_dir) / ALERTS_DATASET
-    if not folder.is_dir():
-        return set()
-    import pyarrow.dataset as ds  # only this function needs Arrow
+    from fraudstream.datasets import read_dataset
 
-    from fraudstream.datasets import ALERTS_SCHEMA
-
-    dataset = ds.dataset(folder, format="parquet", partitioning="hive", schema=ALERTS_SCHEMA)
-    ids = dataset.to_table(columns=["alert_id"]).column("alert_id").to_pylist()
-    return {alert_id for alert_id in ids if alert_id}
+    table = read_dataset(Path(parquet_dir), ALERTS_DATASET,
+                         pa.schema([("alert_id", pa.string())]))
+    return {alert_id for alert_id in table.column("alert_id").to_pylist() if alert_id}

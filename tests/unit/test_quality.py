@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fraudstream.datasets import dataset_files, read_dataset
 from fraudstream.schemas import (
     ALERTS_DATASET,
     HIGH_VALUE,
@@ -28,12 +29,10 @@ from spark_job.quality import (
     EVIDENCE_SCHEMA,
     LABEL_SCHEMA,
     REPORT_COLUMNS,
-    dataset_files,
     format_ratio,
     load_report,
     main,
     quality_report,
-    read_dataset,
     report_records,
     rule_spans,
 )
