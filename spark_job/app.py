@@ -12,7 +12,9 @@ import json
 import logging
 import re
 import signal
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from pyspark.errors import StreamingQueryException
@@ -21,10 +23,13 @@ from pyspark.sql.streaming import StreamingQuery
 
 from fraudstream import datasets, schemas
 from fraudstream.kafka import BrokerUnavailable, wait_for_broker
+from fraudstream.rules.ruleset import rules_in_force
 from fraudstream.rules.store import RulesTopic, RulesTopicError
 from fraudstream.settings import DetectorSettings, SettingsError
 from spark_job.batch import BatchProcessor, DetectorOutputs
+from spark_job.compact import CompactionBusy, CompactionError, compact
 from spark_job.detection_input import DETECTION_INPUT_DECODER, RULE_RECORD_DECODER
+from spark_job.epochs import BrokerResetError, Epoch, open_epoch
 from spark_job.kafka_source import KafkaSourceError
 from spark_job.metrics import MetricsListener
 from spark_job.plan import build_detection_plan
@@ -73,9 +78,6 @@ def rules_source_options(settings: DetectorSettings) -> dict[str, str]:
 def open_transactions_stream(spark: SparkSession, settings: DetectorSettings) -> DataFrame:
     """The detection input stream (``spark_job.detection_input``; one read of Kafka per
     micro-batch)."""
-    if settings.source != "python":
-        raise SettingsError(settings.field_key("source"),
-                            "only the built-in Python source is wired in this build")
     return spark.readStream.format("fraudstream-kafka").options(**source_options(settings)).load()
 
 
@@ -86,8 +88,12 @@ def open_rules_stream(spark: SparkSession, settings: DetectorSettings) -> DataFr
 
 
 def publish_default_rules(settings: DetectorSettings) -> int:
-    """Publish the four default rules (version 1, parameters from settings) when the rules
-    topic holds nothing, and say what is in force; returns how many were published."""
+    """Fill an empty rules topic and say what is in force; returns how many were published.
+
+    An empty topic whose rules the Parquet history remembers (a memory-only broker restarted,
+    the topic recreated) gets back the definitions in force at the end of that history, with
+    their versions; a topic that never held a rule gets the four defaults (version 1, parameters
+    from settings)."""
     topic = RulesTopic(settings.client_config(), settings.rules_topic)
     ruleset, _ = topic.state(settings.retention_us)
     if len(ruleset) or ruleset.retired:
@@ -99,6 +105,17 @@ def publish_default_rules(settings: DetectorSettings) -> int:
             log.warning("no rule is enabled on %s: no alerts until one is (python -m "
                         "fraudstream.rules list)", settings.rules_topic)
         return 0
+    history = datasets.read_dataset(settings.parquet_dir, schemas.RULE_CHANGES_DATASET,
+                                    datasets.RULE_CHANGES_SCHEMA).to_pylist()
+    if history:
+        restored = rules_in_force(history)
+        for definition in restored:
+            topic.publish(definition)
+        log.warning("rules topic %s is empty but the Parquet history under %s holds rules: "
+                    "published the %d in force at its end again (%s)", settings.rules_topic,
+                    settings.parquet_dir, len(restored),
+                    "; ".join(f"{d.rule_id} v{d.version}" for d in restored) or "none")
+        return len(restored)
     defaults = settings.default_rules()
     for definition in defaults:
         topic.publish(definition)
@@ -107,23 +124,28 @@ def publish_default_rules(settings: DetectorSettings) -> int:
     return len(defaults)
 
 
-def build_outputs(settings: DetectorSettings) -> DetectorOutputs:
+def build_outputs(settings: DetectorSettings, epoch: str) -> DetectorOutputs:
+    """The sinks of one epoch: its Parquet folders, the two topics and the console."""
     client = settings.client_config()
+
+    def folder(dataset: str) -> Path:
+        return datasets.epoch_folder(settings.parquet_dir, dataset, epoch)
+
     alerts: list[RecordSink] = [
-        ParquetBatchSink(settings.parquet_dir / schemas.ALERTS_DATASET, ALERT_ARROW_SCHEMA),
+        ParquetBatchSink(folder(schemas.ALERTS_DATASET), ALERT_ARROW_SCHEMA),
         KafkaJsonSink(client, settings.alerts_topic, key_field="user_id",
                       fields=schemas.ALERT_FIELDS),
     ]
     if settings.console_alerts:
         alerts.append(ConsoleAlertSink())
     dlq: list[RecordSink] = [
-        ParquetBatchSink(settings.parquet_dir / schemas.DLQ_DATASET, DLQ_ARROW_SCHEMA),
+        ParquetBatchSink(folder(schemas.DLQ_DATASET), DLQ_ARROW_SCHEMA),
         KafkaJsonSink(client, settings.dlq_topic, key_field="key", fields=schemas.DLQ_FIELDS),
     ]
     changes: list[RecordSink] = [ParquetBatchSink(
-        settings.parquet_dir / schemas.RULE_CHANGES_DATASET, datasets.RULE_CHANGES_SCHEMA)]
+        folder(schemas.RULE_CHANGES_DATASET), datasets.RULE_CHANGES_SCHEMA)]
     return DetectorOutputs(alerts=alerts, dlq=dlq, rule_changes=changes,
-                           bronze_dir=settings.parquet_dir / schemas.TRANSACTIONS_DATASET)
+                           bronze_dir=folder(schemas.TRANSACTIONS_DATASET))
 
 
 def checkpoint_contract(settings: DetectorSettings) -> dict[str, Any]:
@@ -194,6 +216,39 @@ def explain_failure(text: str) -> tuple[str, str]:
 _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): \S")
 
 
+class BackgroundCompaction:
+    """Runs ``spark_job.compact`` over the Parquet history every ``interval`` seconds in a
+    daemon thread, so a long-running detector does not leave a file per batch forever. Safe
+    beside the query: it never touches the newest batch of an epoch nor the current hour, and
+    each merge is committed by one atomic rename."""
+
+    def __init__(self, parquet_dir: Path, interval_seconds: float) -> None:
+        self.parquet_dir = parquet_dir
+        self.interval = interval_seconds
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="compaction", daemon=True)
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                report = compact(self.parquet_dir, progress=False)
+                merged = sum(len(group.runs) for group in report.groups)
+                if merged:
+                    log.info("compaction: %s", report.summary())
+            except CompactionBusy:
+                log.info("compaction skipped: another compaction holds the lock")
+            except (OSError, ValueError, CompactionError) as exc:
+                log.warning("compaction failed (history untouched, retried in %.0f min): %s",
+                            self.interval / 60, exc)
+
+
 class Detector:
     """The running streaming query and its clean stop."""
 
@@ -207,9 +262,15 @@ class Detector:
         self.stop_requested = False
         self.listener: MetricsListener | None = None
         self.outputs: DetectorOutputs | None = outputs
+        self.epoch: Epoch | None = None
+        self.compaction = BackgroundCompaction(settings.parquet_dir,
+                                               settings.compact_every_minutes * 60)
 
     def start(self) -> StreamingQuery:
         settings = self.settings
+        self.epoch = open_epoch(settings.checkpoint_dir, settings.client_config(),
+                                [settings.transactions_topic, settings.rules_topic],
+                                policy=settings.on_broker_reset)
         check_checkpoint(settings)
         publish_default_rules(settings)
         if self.spark is None:
@@ -225,7 +286,7 @@ class Detector:
             horizon_seconds=settings.retention_seconds,
             state_buckets=settings.state_buckets, shuffle_partitions=settings.shuffle_partitions)
         if self.outputs is None:
-            self.outputs = build_outputs(settings)
+            self.outputs = build_outputs(settings, self.epoch.epoch)
         processor = BatchProcessor(self.outputs)
         self.listener = MetricsListener(processor, settings.resolved_metrics_file)
         self.spark.streams.addListener(self.listener)
@@ -237,10 +298,12 @@ class Detector:
             interval_ms = int(settings.trigger_seconds * 1000)
             writer = writer.trigger(processingTime=f"{interval_ms} milliseconds")
         self.query = writer.start()
-        log.info("detector started: %s (rules from %s) -> %s, %s, console; parquet under %s; "
-                 "checkpoint %s", settings.transactions_topic, settings.rules_topic,
+        if not settings.available_now:
+            self.compaction.start()
+        log.info("detector started: %s (rules from %s) -> %s, %s, console; parquet under %s "
+                 "(epoch %s); checkpoint %s", settings.transactions_topic, settings.rules_topic,
                  settings.alerts_topic, settings.dlq_topic, settings.parquet_dir,
-                 settings.checkpoint_dir)
+                 self.epoch.epoch, settings.checkpoint_dir)
         return self.query
 
     def request_stop(self, *_args: Any) -> None:
@@ -287,6 +350,7 @@ class Detector:
             time.sleep(0.05)
 
     def close(self) -> None:
+        self.compaction.stop()
         if self.listener is not None and self.spark is not None:
             # Unregistered before Python exits, or Spark's listener bus logs a stack trace
             # for a callback into a gone interpreter.
@@ -313,6 +377,9 @@ def run(settings: DetectorSettings) -> int:
         detector.start()
     except RulesTopicError as exc:
         log.error("%s; check the broker and RULES_TOPIC", exc)
+        return 1
+    except BrokerResetError as exc:
+        log.error("%s", exc)
         return 1
     return detector.wait()
 

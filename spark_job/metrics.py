@@ -3,12 +3,18 @@
 Spark's own progress (input rows, duration, watermark, rows dropped by the watermark) arrives in
 a StreamingQueryListener after the batch commits; the batch step's own counts (DLQ rows, alerts
 per rule, latencies) are merged in by batch id.
+
+The JSON-lines file is bounded: before a line would take it past ``max_bytes`` it is rotated like
+logrotate's numbered files (``detector.jsonl`` -> ``detector.jsonl.1`` -> ... -> ``.3``, the
+oldest dropped), each step an atomic ``os.replace``. Readers follow the rotation
+(``dashboard.data.metrics``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -21,6 +27,44 @@ from fraudstream import schemas
 from spark_job.batch import BatchOutcome, BatchProcessor, percentile
 
 log = logging.getLogger(__name__)
+
+#: The metrics file is rotated before a line would make it larger than this.
+METRICS_MAX_BYTES = 10 * 1024 * 1024
+#: Rotated files kept (``<file>.1`` is the newest of them).
+METRICS_BACKUPS = 3
+
+
+def rotated_path(path: Path, number: int) -> Path:
+    """The ``number``-th rotated file of ``path`` (``detector.jsonl.1`` is the newest)."""
+    return path.with_name(f"{path.name}.{number}")
+
+
+def rotate(path: Path, backups: int = METRICS_BACKUPS) -> None:
+    """Shift ``path.(n-1)`` to ``path.n`` (dropping the oldest) and ``path`` to ``path.1``, each
+    with one atomic rename, so a reader never sees a file cut short or two copies of a line."""
+    for number in range(backups, 1, -1):
+        older = rotated_path(path, number - 1)
+        if older.exists():
+            os.replace(older, rotated_path(path, number))
+    if backups > 0:
+        os.replace(path, rotated_path(path, 1))
+    else:
+        path.unlink()
+
+
+def append_line(path: Path, line: str, max_bytes: int = METRICS_MAX_BYTES,
+                backups: int = METRICS_BACKUPS) -> None:
+    """Append one line (with its newline) to ``path``, rotating first when the line would take a
+    non-empty file past ``max_bytes``."""
+    data = line.encode("utf-8")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        size = 0
+    if size and size + len(data) > max_bytes:
+        rotate(path, backups)
+    with path.open("ab") as fh:
+        fh.write(data)
 
 
 def _offsets(value: Any) -> dict[str, int]:
@@ -102,11 +146,17 @@ def _slow(line: schemas.BatchMetrics) -> str:
 
 
 class MetricsListener(StreamingQueryListener):
-    """Writes a metrics line and logs a status line for every completed batch."""
+    """Writes a metrics line and logs a status line for every completed batch; the metrics file
+    is rotated when it would grow past ``max_bytes`` (``backups`` rotated files are kept)."""
 
-    def __init__(self, processor: BatchProcessor, path: Path) -> None:
+    def __init__(self, processor: BatchProcessor, path: Path,
+                 max_bytes: int = METRICS_MAX_BYTES, backups: int = METRICS_BACKUPS) -> None:
+        if max_bytes <= 0 or backups < 0:
+            raise ValueError("max_bytes must be positive and backups not negative")
         self.processor = processor
         self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
         self.last: schemas.BatchMetrics | None = None
@@ -127,8 +177,8 @@ class MetricsListener(StreamingQueryListener):
             return  # an idle trigger: nothing ran, nothing to report
         line = metrics_line(progress, outcome)
         with self.lock:
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+            append_line(self.path, json.dumps(line, separators=(",", ":")) + "\n",
+                        self.max_bytes, self.backups)
             self.last = line
             self.batches += 1
             for key in self.totals:
