@@ -4,7 +4,8 @@
 # Docker mode (when `docker info` answers and docker compose v2 or docker-compose v1 exists):
 # builds and starts docker-compose.yml as project "fraudstream". Local mode (otherwise, or with
 # --local): a virtualenv in .venv, the embedded Kafka-protocol broker and the services as
-# background processes, each in its own process group, with logs and PID files under run/.
+# background processes, each in its own process group with a small supervisor that restarts it
+# when it fails (like compose's `restart: unless-stopped`), with logs and PID files under run/.
 # Run `./setup.sh --help` for the commands and the environment variables it honours.
 set -euo pipefail
 
@@ -25,6 +26,10 @@ readonly BROKER_HOST=127.0.0.1
 readonly STOP_TIMEOUT="${FRAUDSTREAM_STOP_TIMEOUT:-20}"
 readonly BROKER_TIMEOUT="${FRAUDSTREAM_BROKER_TIMEOUT:-60}"
 readonly HEALTH_TIMEOUT="${FRAUDSTREAM_HEALTH_TIMEOUT:-240}"
+# Supervision in local mode: restarts in a row before giving up (SETUP_RESTART_LIMIT), the
+# longest pause between two restarts, and how long a service must stay up to reset the count.
+readonly RESTART_BACKOFF_MAX=30
+readonly RESTART_RESET_SECONDS=60
 
 MODE=""        # docker | local | "" (auto)
 ACTION="start"
@@ -40,8 +45,9 @@ Usage: ./setup.sh [--docker | --local] [--cluster] [COMMAND]
 
 Commands:
   start (default)   build/install and start the pipeline, wait until it answers, print URLs
-  status            show each service: running (pid, uptime) / stopped / crashed (last log
-                    lines), and whether the broker answers
+  status            show each service: running (pid, uptime) / restarting / crashed (last
+                    log lines) / stopped, whether the broker answers, and (local mode) the
+                    detector's epoch and how far behind the transactions topic it is
   stop              stop the local services (SIGTERM, then SIGKILL after ~20 s); in Docker
                     mode also `docker compose down` (volumes are kept; ./reset.sh removes them)
   logs [SERVICE]    follow the logs (local: run/logs/SERVICE.log; Docker: compose logs -f);
@@ -59,6 +65,11 @@ Local mode environment:
   FRAUDSTREAM_SERVICES="broker producer detector dashboard"
                                the subset to start (in that order)
   FRAUDSTREAM_PYTHON=/path     use this interpreter as is: no .venv, no `pip install`
+  SETUP_RESTART_LIMIT=5        a service that exits non-zero (or is killed) is restarted after
+                               1 s, 2 s, 4 s ... (at most 30 s); after this many restarts in a
+                               row it is left `crashed` (the count resets after 60 s up)
+  ON_BROKER_RESET=new-epoch    the detector's answer to the memory-only broker losing its
+                               topics (local mode default; the detector's own default: fail)
   STREAMLIT_SERVER_PORT=8501   dashboard port (bound to 127.0.0.1)
   Every service setting (PRODUCER_RATE, PARQUET_DIR, CHECKPOINT_DIR, ...) is passed through;
   see `python -m producer --help` and friends.
@@ -240,6 +251,10 @@ normalize_service() {
 }
 
 pid_file() { echo "$PID_DIR/$1.pid"; }
+supervisor_file() { echo "$PID_DIR/$1.supervisor.pid"; }
+# Written by the supervisor: "restarting RC N LIMIT DELAY", "running RESTARTS", "crashed RC
+# LIMIT" (it gave up) or "exited 0" (a clean exit is not restarted).
+state_file() { echo "$PID_DIR/$1.state"; }
 log_file() { echo "$LOG_DIR/$1.log"; }
 
 read_pid() {
@@ -305,23 +320,204 @@ any_alive() {
   return 1
 }
 
+# Prints the pid of the service's supervisor if it is alive and supervises that service of this
+# checkout.
+supervisor_pid() {
+  local file pid cmd
+  file="$(supervisor_file "$1")"
+  [[ -f "$file" ]] || return 1
+  pid="$(head -n 1 "$file" 2>/dev/null || true)"
+  [[ "$pid" =~ ^[0-9]+$ ]] && pid_alive "$pid" || return 1
+  cmd="$(ps -ww -o args= -p "$pid" 2>/dev/null || true)"
+  [[ "$cmd" == *" $ROOT/setup.sh __supervise $1 "* ]] || return 1
+  echo "$pid"
+}
+
+# Running, or between two runs with its supervisor about to restart it.
+service_up() { service_pid "$1" >/dev/null || supervisor_pid "$1" >/dev/null; }
+
+read_state() {
+  local file
+  file="$(state_file "$1")"
+  [[ -f "$file" ]] || return 1
+  head -n 1 "$file" 2>/dev/null
+}
+
+# The supervisor (`setup.sh __supervise SERVICE PYTHON`): a session and process-group leader
+# (setsid) running the service as its child in the same group, so stop signals them together.
 launch() {
-  local svc=$1 module log pid
-  module="$(service_module "$svc")"
+  local svc=$1 log pid deadline
   log="$(log_file "$svc")"
-  printf '\n===== %s: starting %s (%s -m %s) =====\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-    "$svc" "$PY" "$module" >>"$log"
-  # setsid makes the service a session and process-group leader, so stop can signal the whole
-  # group (Spark's JVM, Streamlit's children). Without util-linux (macOS), Python does the same.
+  rm -f "$(pid_file "$svc")" "$(supervisor_file "$svc")" "$(state_file "$svc")"
+  # Without util-linux's setsid (macOS), Python does the same.
   if have setsid; then
-    setsid "$PY" -m "$module" >>"$log" 2>&1 </dev/null &
+    setsid "$BASH" "$ROOT/setup.sh" __supervise "$svc" "$PY" >>"$log" 2>&1 </dev/null &
   else
     "$PY" -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' \
-      "$PY" -m "$module" >>"$log" 2>&1 </dev/null &
+      "$BASH" "$ROOT/setup.sh" __supervise "$svc" "$PY" >>"$log" 2>&1 </dev/null &
   fi
-  pid=$!
-  echo "$pid" >"$(pid_file "$svc")"
-  info "started $svc (pid $pid, log $log)"
+  deadline=$((SECONDS + 10))
+  until pid="$(read_pid "$svc")"; do
+    ((SECONDS < deadline)) || die "the supervisor of $svc did not start it (log: $log)"
+    sleep 0.05
+  done
+  info "started $svc (pid $pid, supervised, log $log)"
+}
+
+# --- local mode: the supervisor --------------------------------------------------------------------
+
+SUP_STOPPING=0
+SUP_CHILD=""
+SUP_SLEEPER=""
+SUP_ESCAPED=""
+
+# SIGTERM/SIGINT/SIGHUP (from stop): pass SIGTERM to the service, restart nothing, and exit once
+# the service is gone.
+supervisor_on_signal() {
+  SUP_STOPPING=1
+  if [[ -n "$SUP_CHILD" ]]; then
+    kill -TERM "$SUP_CHILD" 2>/dev/null || true
+  fi
+  if [[ -n "$SUP_SLEEPER" ]]; then
+    kill -TERM "$SUP_SLEEPER" 2>/dev/null || true
+  fi
+}
+
+# Sleeps in the background so that a signal ends the pause at once.
+supervisor_sleep() {
+  sleep "$1" &
+  SUP_SLEEPER=$!
+  wait "$SUP_SLEEPER" 2>/dev/null || true
+  SUP_SLEEPER=""
+}
+
+# Remembers "pid args" of the service's descendants outside this process group (the broker runs
+# tansu in its own session), so that they can be ended if the service dies without ending them.
+supervisor_snapshot() {
+  local table="$PID_DIR/.$1.ps" pid args
+  ps -A -o pid=,ppid=,pgid= >"$table" 2>/dev/null || return 0
+  SUP_ESCAPED=""
+  while read -r pid; do
+    args="$(ps -ww -o args= -p "$pid" 2>/dev/null || true)"
+    [[ -n "$args" ]] && SUP_ESCAPED+="$pid $args"$'\n'
+  done < <(awk -v root="$SUP_CHILD" -v group="$$" '
+      { parent[$1] = $2; grp[$1] = $3 }
+      END {
+        for (p in parent) {
+          q = parent[p]
+          while (q != root && (q in parent) && q > 1) q = parent[q]
+          if (q == root && grp[p] != group) print p
+        }
+      }' "$table")
+  rm -f "$table"
+}
+
+# After the service exited: ends what it left behind (children orphaned in this process group,
+# remembered descendants outside it), so the next start finds its port and files free.
+supervisor_cleanup() {
+  local svc=$1 table="$PID_DIR/.$1.ps" leftovers="" line pid args deadline
+  # ps runs as a direct child (no command substitution), so only processes whose parent is not
+  # in this group are orphans: the service's children, not the supervisor's helpers.
+  ps -A -o pid=,ppid=,pgid=,stat= >"$table" 2>/dev/null || true
+  leftovers="$(awk -v group="$$" '
+      { grp[$1] = $3; ppid[$1] = $2; st[$1] = $4 }
+      END {
+        for (p in grp) if (grp[p] == group && p != group && !(grp[ppid[p]] == group) && st[p] !~ /^Z/) {
+          roots[p] = 1
+        }
+        do {
+          more = 0
+          for (p in grp) if (!(p in roots) && (ppid[p] in roots) && st[p] !~ /^Z/) { roots[p] = 1; more = 1 }
+        } while (more)
+        for (p in roots) print p
+      }' "$table" | xargs)"
+  rm -f "$table"
+  while IFS= read -r line; do
+    [[ -n "$line" ]] || continue
+    pid="${line%% *}"
+    args="${line#* }"
+    if [[ "$(ps -ww -o args= -p "$pid" 2>/dev/null || true)" == "$args" ]] && pid_alive "$pid"; then
+      leftovers="$leftovers $pid"
+    fi
+  done <<<"$SUP_ESCAPED"
+  SUP_ESCAPED=""
+  # shellcheck disable=SC2086 # a list of pids
+  set -- $leftovers
+  (($#)) || return 0
+  printf 'setup.sh: ending what %s left running (pids %s)\n' "$svc" "$*"
+  kill -TERM "$@" 2>/dev/null || true
+  deadline=$((SECONDS + 5))
+  while ((SECONDS < deadline)) && ((!SUP_STOPPING)) && any_alive "$@"; do
+    sleep 0.2
+  done
+  kill -KILL "$@" 2>/dev/null || true
+}
+
+supervise() {
+  local svc=$1 module pidfile statefile limit rc restarts=0 total=0 delay started snapshot_at
+  PY=$2
+  module="$(service_module "$svc")" || die "unknown service '$svc'"
+  pidfile="$(pid_file "$svc")"
+  statefile="$(state_file "$svc")"
+  limit="${SETUP_RESTART_LIMIT:-5}"
+  [[ "$limit" =~ ^[0-9]+$ ]] || limit=5
+  trap supervisor_on_signal TERM INT HUP
+  echo "$$" >"$(supervisor_file "$svc")"
+  while :; do
+    printf '\n===== %s: starting %s (%s -m %s) =====\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+      "$svc" "$PY" "$module"
+    "$PY" -m "$module" </dev/null &
+    SUP_CHILD=$!
+    echo "$SUP_CHILD" >"$pidfile.tmp"
+    mv -f "$pidfile.tmp" "$pidfile"
+    if ((total)); then
+      echo "running $total" >"$statefile"
+    fi
+    started=$SECONDS
+    snapshot_at=$((SECONDS + 1))
+    ((SUP_STOPPING)) && kill -TERM "$SUP_CHILD" 2>/dev/null
+    while ((!SUP_STOPPING)) && kill -0 "$SUP_CHILD" 2>/dev/null; do
+      supervisor_sleep 1
+      if ((!SUP_STOPPING && SECONDS >= snapshot_at)); then
+        supervisor_snapshot "$svc"
+        snapshot_at=$((SECONDS + (SECONDS - started < 5 ? 2 : 10)))
+      fi
+    done
+    # A signal interrupts `wait`: wait again until the service is really gone.
+    rc=0
+    wait "$SUP_CHILD" 2>/dev/null || rc=$?
+    while kill -0 "$SUP_CHILD" 2>/dev/null; do
+      rc=0
+      wait "$SUP_CHILD" 2>/dev/null || rc=$?
+    done
+    SUP_CHILD=""
+    ((SUP_STOPPING)) && exit 0
+    supervisor_cleanup "$svc"
+    ((SUP_STOPPING)) && exit 0
+    if ((rc == 0)); then
+      printf 'setup.sh: %s exited with code 0; not restarted\n' "$svc"
+      echo "exited 0" >"$statefile"
+      exit 0
+    fi
+    if ((SECONDS - started >= RESTART_RESET_SECONDS)); then
+      restarts=0
+    fi
+    if ((restarts >= limit)); then
+      printf 'setup.sh: %s exited with code %s; gave up after %s restarts in a row%s\n' \
+        "$svc" "$rc" "$restarts" " (SETUP_RESTART_LIMIT=$limit): crashed"
+      echo "crashed $rc $limit" >"$statefile"
+      exit 0
+    fi
+    restarts=$((restarts + 1))
+    total=$((total + 1))
+    delay=$((1 << (restarts - 1 < 5 ? restarts - 1 : 5)))
+    ((delay > RESTART_BACKOFF_MAX)) && delay=$RESTART_BACKOFF_MAX
+    printf 'setup.sh: %s exited with code %s; restart %s of %s in %s s\n' "$svc" "$rc" \
+      "$restarts" "$limit" "$delay"
+    echo "restarting $rc $restarts $limit $delay" >"$statefile"
+    supervisor_sleep "$delay"
+    ((SUP_STOPPING)) && exit 0
+  done
 }
 
 show_log_tail() {
@@ -519,6 +715,12 @@ selected_services() {
   echo "$ordered" | xargs
 }
 
+# A value the last start recorded in run/local.env (empty when it recorded none).
+local_env_value() {
+  [[ -f "$LOCAL_ENV_FILE" ]] || return 0
+  sed -n "s/^$1=//p" "$LOCAL_ENV_FILE" | head -n 1
+}
+
 load_local_env() {
   # What the last start used, so status/stop look at the same broker.
   if [[ -z "${BROKER_PORT:-}" && -f "$LOCAL_ENV_FILE" ]]; then
@@ -535,6 +737,8 @@ start_local() {
   [[ -n "$services" ]] || usage_error "FRAUDSTREAM_SERVICES selects no service"
   BROKER_PORT="${BROKER_PORT:-9092}"
   [[ "$BROKER_PORT" =~ ^[0-9]+$ ]] || usage_error "BROKER_PORT must be a number, got '$BROKER_PORT'"
+  [[ "${SETUP_RESTART_LIMIT:-5}" =~ ^[0-9]+$ ]] ||
+    usage_error "SETUP_RESTART_LIMIT must be a whole number, got '$SETUP_RESTART_LIMIT'"
   info "local mode (run folder: $RUN_DIR/; services: $services)"
 
   setup_python
@@ -552,30 +756,44 @@ start_local() {
   export STREAMLIT_SERVER_PORT="${STREAMLIT_SERVER_PORT:-8501}"
   export STREAMLIT_SERVER_HEADLESS=true
   export STREAMLIT_BROWSER_GATHER_USAGE_STATS=false
-  printf 'BROKER_PORT=%s\nKAFKA_BOOTSTRAP_SERVERS=%s\n' "$BROKER_PORT" \
-    "$KAFKA_BOOTSTRAP_SERVERS" >"$LOCAL_ENV_FILE"
+  # The embedded broker keeps topics in memory: when it restarts, the detector archives its
+  # checkpoint and starts a new epoch instead of stopping (the detector's own default is fail).
+  export ON_BROKER_RESET="${ON_BROKER_RESET:-new-epoch}"
+  # What status needs to look at the same broker, interpreter and detector files.
+  {
+    printf 'BROKER_PORT=%s\nKAFKA_BOOTSTRAP_SERVERS=%s\nPYTHON=%s\n' "$BROKER_PORT" \
+      "$KAFKA_BOOTSTRAP_SERVERS" "$PY"
+    printf 'CHECKPOINT_DIR=%s\nPARQUET_DIR=%s\n' "$CHECKPOINT_DIR" "$PARQUET_DIR"
+    [[ -z "${METRICS_FILE:-}" ]] || printf 'METRICS_FILE=%s\n' "$METRICS_FILE"
+    [[ -z "${TRANSACTIONS_TOPIC:-}" ]] || printf 'TRANSACTIONS_TOPIC=%s\n' "$TRANSACTIONS_TOPIC"
+  } >"$LOCAL_ENV_FILE"
 
   # Checks that need nothing started yet, so a failure leaves nothing half-running.
   for svc in $services; do
     service_available "$svc" || continue
-    if [[ "$svc" == detector ]] && ! service_pid detector >/dev/null; then
+    if [[ "$svc" == detector ]] && ! service_up detector; then
       check_java
     fi
-    if [[ "$svc" == broker ]] && ! service_pid broker >/dev/null &&
-      port_open "$BROKER_HOST" "$BROKER_PORT"; then
+    if [[ "$svc" == broker ]] && ! service_up broker && port_open "$BROKER_HOST" "$BROKER_PORT"; then
       die "$BROKER_HOST:$BROKER_PORT is already in use by another program; stop it or choose \
 another port: BROKER_PORT=19092 ./setup.sh --local"
     fi
-    if [[ "$svc" == dashboard ]] && ! service_pid dashboard >/dev/null &&
+    if [[ "$svc" == dashboard ]] && ! service_up dashboard &&
       port_open 127.0.0.1 "$STREAMLIT_SERVER_PORT"; then
       die "port $STREAMLIT_SERVER_PORT (dashboard) is already in use; choose another one: \
 STREAMLIT_SERVER_PORT=8502 ./setup.sh --local"
     fi
   done
-  if [[ " $services " == *" broker "* ]] && ! service_pid broker >/dev/null &&
+  if [[ " $services " == *" broker "* ]] && ! service_up broker &&
     [[ -d "$CHECKPOINT_DIR" ]] && [[ -n "$(ls -A "$CHECKPOINT_DIR" 2>/dev/null)" ]]; then
-    warn "the embedded broker keeps topics in memory only, so the detector checkpoint in \
-$CHECKPOINT_DIR refers to offsets of a broker that is gone; run ./reset.sh for a clean start"
+    if [[ "$ON_BROKER_RESET" == new-epoch ]]; then
+      info "the embedded broker starts empty: the detector will archive its checkpoint in \
+$CHECKPOINT_DIR and start a new epoch (ON_BROKER_RESET=new-epoch); ./reset.sh wipes everything"
+    else
+      warn "the embedded broker keeps topics in memory only, so the detector checkpoint in \
+$CHECKPOINT_DIR refers to offsets of a broker that is gone (ON_BROKER_RESET=$ON_BROKER_RESET); \
+run ./reset.sh for a clean start"
+    fi
   fi
 
   for svc in $services; do
@@ -587,21 +805,27 @@ $CHECKPOINT_DIR refers to offsets of a broker that is gone; run ./reset.sh for a
       info "$svc is already running (pid $pid)"
       continue
     fi
-    rm -f "$(pid_file "$svc")"
+    if pid="$(supervisor_pid "$svc")"; then
+      info "$svc is being restarted by its supervisor (pid $pid); see ./setup.sh status"
+      continue
+    fi
     launch "$svc"
-    started="$started $svc"
+    started="$started $svc:$(read_pid "$svc")"
     if [[ "$svc" == broker ]]; then
       wait_for_local_broker "$(read_pid broker)"
     fi
   done
 
-  # A service that dies at once (bad setting, missing dependency) is reported here, not later.
+  # A service that dies at once (bad setting, missing dependency) is reported here, not later
+  # (its supervisor goes on restarting it until SETUP_RESTART_LIMIT).
   if [[ -n "$started" ]]; then
-    local deadline=$((SECONDS + 3)) crashed=""
+    local deadline=$((SECONDS + 3)) crashed="" entry
     while ((SECONDS < deadline)); do
       sleep 0.5
-      for svc in $started; do
-        if ! service_pid "$svc" >/dev/null && [[ " $crashed " != *" $svc "* ]]; then
+      for entry in $started; do
+        svc="${entry%%:*}"
+        if [[ "$(service_pid "$svc" || true)" != "${entry#*:}" ]] &&
+          [[ " $crashed " != *" $svc "* ]]; then
           crashed="$crashed $svc"
         fi
       done
@@ -612,10 +836,12 @@ $CHECKPOINT_DIR refers to offsets of a broker that is gone; run ./reset.sh for a
           "$(log_file "$svc")" >&2
         show_log_tail "$svc" >&2
       done
-      die "not every service started (./setup.sh status shows the state; ./setup.sh stop cleans up)"
+      die "not every service started (a failing service is restarted up to \
+SETUP_RESTART_LIMIT=${SETUP_RESTART_LIMIT:-5} times; ./setup.sh status shows the state; \
+./setup.sh stop stops everything)"
     fi
   fi
-  if [[ " $started " == *" dashboard "* ]]; then
+  if [[ " $started " == *" dashboard:"* ]]; then
     wait_for_dashboard
   fi
   print_local_summary
@@ -653,15 +879,39 @@ EOF
 }
 
 status_local() {
-  local svc pid state
+  local svc pid state rc restarts limit delay
   load_local_env
   printf 'fraudstream local services (%s/):\n' "$RUN_DIR"
   for svc in $ALL_SERVICES; do
+    state="$(read_state "$svc" || true)"
     if pid="$(service_pid "$svc")"; then
-      printf '  %-10s running (pid %s, up %s)\n' "$svc" "$pid" "$(uptime_of "$pid")"
+      restarts=""
+      if [[ "$state" == running\ * ]]; then
+        restarts=", restarts: ${state#running }"
+      fi
+      printf '  %-10s running (pid %s, up %s%s)\n' "$svc" "$pid" "$(uptime_of "$pid")" "$restarts"
+    elif pid="$(supervisor_pid "$svc")"; then
+      if [[ "$state" == restarting\ * ]]; then
+        read -r _ rc restarts limit delay <<<"$state"
+        printf '  %-10s restarting (exited with code %s; restart %s of %s after %s s); last lines of %s:\n' \
+          "$svc" "$rc" "$restarts" "$limit" "$delay" "$(log_file "$svc")"
+      else
+        printf '  %-10s restarting (supervisor pid %s); last lines of %s:\n' "$svc" "$pid" \
+          "$(log_file "$svc")"
+      fi
+      show_log_tail "$svc" 5
+    elif state="$(read_state "$svc" || true)" && [[ "$state" == crashed\ * ]]; then
+      read -r _ rc limit <<<"$state"
+      printf '  %-10s crashed (exited with code %s after %s restarts in a row); last lines of %s:\n' \
+        "$svc" "$rc" "$limit" "$(log_file "$svc")"
+      show_log_tail "$svc" 5
+    elif [[ "$state" == exited\ * ]]; then
+      printf '  %-10s exited (code %s, not restarted); last lines of %s:\n' "$svc" \
+        "${state#exited }" "$(log_file "$svc")"
+      show_log_tail "$svc" 5
     elif [[ -f "$(pid_file "$svc")" ]]; then
-      printf '  %-10s crashed (pid %s is gone); last lines of %s:\n' "$svc" \
-        "$(read_pid "$svc" || echo '?')" "$(log_file "$svc")"
+      printf '  %-10s crashed (pid %s is gone, and its supervisor too); last lines of %s:\n' \
+        "$svc" "$(read_pid "$svc" || echo '?')" "$(log_file "$svc")"
       show_log_tail "$svc" 5
     else
       state="stopped"
@@ -674,47 +924,79 @@ status_local() {
   else
     printf 'Broker %s:%s is not reachable\n' "$BROKER_HOST" "$BROKER_PORT"
   fi
+  if service_up detector; then
+    detector_progress
+  fi
+}
+
+# The detector's epoch, last committed batch and lag (python -m spark_job.status), with the
+# settings the last start gave the detector; never fails status itself.
+detector_progress() {
+  local py name value settings=()
+  py="$(local_env_value PYTHON)"
+  [[ -n "$py" ]] || py="${FRAUDSTREAM_PYTHON:-$ROOT/$VENV_DIR/bin/python}"
+  if [[ ! -x "$py" ]] || [[ ! -f spark_job/status.py ]]; then
+    return 0
+  fi
+  for name in KAFKA_BOOTSTRAP_SERVERS CHECKPOINT_DIR PARQUET_DIR METRICS_FILE TRANSACTIONS_TOPIC; do
+    value="${!name:-}"
+    [[ -n "$value" ]] || value="$(local_env_value "$name")"
+    [[ -z "$value" ]] || settings+=("$name=$value")
+  done
+  if have timeout; then
+    timeout 15 env ${settings[@]+"${settings[@]}"} "$py" -m spark_job.status 2>&1 |
+      sed 's/^/  /' || true
+  else
+    env ${settings[@]+"${settings[@]}"} "$py" -m spark_job.status 2>&1 | sed 's/^/  /' || true
+  fi
 }
 
 stop_service() {
-  local svc=$1 pid file kids kid deadline
-  file="$(pid_file "$svc")"
-  [[ -f "$file" ]] || return 0
-  if ! pid="$(service_pid "$svc")"; then
-    info "$svc was not running (stale PID file removed)"
-    rm -f "$file"
+  local svc=$1 pid="" sup="" leader kids kid deadline
+  if [[ ! -f "$(pid_file "$svc")" && ! -f "$(supervisor_file "$svc")" ]]; then
+    rm -f "$(state_file "$svc")"
     return 0
   fi
-  kids="$(descendants_of "$pid")"
-  info "stopping $svc (pid $pid)"
-  # SIGTERM to the service itself first: it shuts its children down in order (the detector
-  # stops its query before Spark's JVM; a JVM signalled at the same time dies mid-commit).
-  kill -TERM "$pid" 2>/dev/null || true
+  pid="$(service_pid "$svc" || true)"
+  sup="$(supervisor_pid "$svc" || true)"
+  if [[ -z "$pid" && -z "$sup" ]]; then
+    info "$svc was not running (stale PID file removed)"
+    rm -f "$(pid_file "$svc")" "$(supervisor_file "$svc")" "$(state_file "$svc")"
+    return 0
+  fi
+  # The supervisor leads the process group (a service started before supervision leads its own).
+  leader="${sup:-$pid}"
+  kids="$(descendants_of "$leader")"
+  info "stopping $svc (pid ${pid:-none}${sup:+, supervisor $sup})"
+  # SIGTERM to the service itself first (through its supervisor, which then restarts nothing and
+  # exits once the service is gone): it shuts its children down in order (the detector stops its
+  # query before Spark's JVM; a JVM signalled at the same time dies mid-commit).
+  kill -TERM "$leader" 2>/dev/null || true
   deadline=$((SECONDS + STOP_TIMEOUT))
-  while ((SECONDS < deadline)) && pid_alive "$pid"; do
+  while ((SECONDS < deadline)) && { { [[ -n "$pid" ]] && pid_alive "$pid"; } || pid_alive "$leader"; }; do
     sleep 0.2
   done
   # Then whatever is left of its process group and descendants: SIGTERM, a short grace, SIGKILL.
   # shellcheck disable=SC2086 # $kids is a list of pids
-  if ! pid_alive "$pid" && { group_alive "$pid" || any_alive $kids; }; then
-    kill -TERM -- "-$pid" 2>/dev/null || true
+  if ! pid_alive "$leader" && { group_alive "$leader" || any_alive $kids; }; then
+    kill -TERM -- "-$leader" 2>/dev/null || true
     for kid in $kids; do
       kill -TERM "$kid" 2>/dev/null || true
     done
     deadline=$((SECONDS + 5))
-    while ((SECONDS < deadline)) && { group_alive "$pid" || any_alive $kids; }; do
+    while ((SECONDS < deadline)) && { group_alive "$leader" || any_alive $kids; }; do
       sleep 0.2
     done
   fi
   # shellcheck disable=SC2086
-  if pid_alive "$pid" || group_alive "$pid" || any_alive $kids; then
+  if pid_alive "$leader" || group_alive "$leader" || any_alive $kids; then
     warn "$svc did not stop within ${STOP_TIMEOUT}s; sending SIGKILL to its process group"
-    kill -KILL -- "-$pid" 2>/dev/null || true
+    kill -KILL -- "-$leader" 2>/dev/null || true
     for kid in $kids; do
       kill -KILL "$kid" 2>/dev/null || true
     done
   fi
-  rm -f "$file"
+  rm -f "$(pid_file "$svc")" "$(supervisor_file "$svc")" "$(state_file "$svc")"
 }
 
 stop_local() {
@@ -748,6 +1030,13 @@ logs_local() {
 }
 
 # --- main ----------------------------------------------------------------------------------------------
+
+# Internal: launch() runs `setup.sh __supervise SERVICE PYTHON` as the service's supervisor.
+if [[ "${1:-}" == __supervise ]]; then
+  (($# == 3)) || die "usage: setup.sh __supervise SERVICE PYTHON"
+  supervise "$2" "$3"
+  exit 0
+fi
 
 while (($#)); do
   case "$1" in

@@ -4,11 +4,16 @@ port, with a PATH that has no docker client at all.
 
 FRAUDSTREAM_PYTHON makes setup.sh use this interpreter instead of creating .venv, and
 FRAUDSTREAM_SERVICES="broker producer" keeps Spark and Streamlit out, so the module stays fast.
-The tests run in file order and share one started pipeline.
+The tests run in file order and share one started pipeline; the tests of a service that keeps
+crashing use a second sandbox with the producer only.
+
+Every service runs under setup.sh's supervisor (`setup.sh __supervise SERVICE PYTHON`), which
+leads the service's process group and restarts it when it fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -65,6 +70,30 @@ class Sandbox:
         path = self.root / "run" / "pids" / f"{service}.pid"
         return int(path.read_text().split()[0]) if path.exists() else None
 
+    def supervisor(self, service: str) -> int | None:
+        path = self.root / "run" / "pids" / f"{service}.supervisor.pid"
+        return int(path.read_text().split()[0]) if path.exists() else None
+
+    def log(self, service: str) -> str:
+        return (self.root / "run" / "logs" / f"{service}.log").read_text()
+
+    def status_line(self, service: str) -> str:
+        result = self.run("setup.sh", "status")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return next(line for line in result.stdout.splitlines()
+                    if line.split()[:1] == [service])
+
+    def wait_for_status(self, service: str, word: str, timeout: float = 30) -> str:
+        """The service's status line once its state is ``word`` (running, crashed ...)."""
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline:
+            line = self.status_line(service)
+            if line.split()[1] == word:
+                return line
+            time.sleep(0.3)
+        raise AssertionError(f"{service} is not {word} after {timeout} s: {line}")
+
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.env['BROKER_PORT']}"
@@ -77,6 +106,37 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def supervisors_of(root: Path) -> list[int]:
+    """Live supervisors (`bash <root>/setup.sh __supervise ...`) of the sandbox at ``root``."""
+    found = []
+    marker = f"{root}/setup.sh".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+        if marker in args and b"__supervise" in args and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def processes_children(pid: int) -> list[int]:
+    """Direct children of ``pid``."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            children.append(int(entry.name))
+    return children
 
 
 def processes_running_module(module: str, cwd: Path) -> list[int]:
@@ -105,40 +165,50 @@ def wait_until_gone(pids: list[int], timeout: float = 30) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+def make_sandbox(base: Path, services: tuple[str, ...], **extra: str) -> Sandbox:
     missing = [m for m in ("producer",) if not (REPO / m / "__main__.py").is_file()]
     if missing:
         pytest.skip(f"{missing[0]}/__main__.py does not exist yet (written separately); "
                     "setup.sh needs it to start the producer")
-    base = tmp_path_factory.mktemp("setup-local")
     root = (base / "fraudstream").resolve()
     shutil.copytree(REPO, root, ignore=COPY_IGNORE)
     (root / "parquet_data").mkdir()
     (root / "parquet_data" / ".gitkeep").touch()
-    drop = ("KAFKA_", "BROKER_", "FRAUDSTREAM_", "PRODUCER_", "PARQUET_DIR", "CHECKPOINT_DIR")
+    drop = ("KAFKA_", "BROKER_", "FRAUDSTREAM_", "PRODUCER_", "PARQUET_DIR", "CHECKPOINT_DIR",
+            "SETUP_", "ON_BROKER_RESET")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(
         PATH=_path_without_docker(base / "bin"),
         FRAUDSTREAM_PYTHON=sys.executable,
-        FRAUDSTREAM_SERVICES=" ".join(SERVICES),
+        FRAUDSTREAM_SERVICES=" ".join(services),
         BROKER_PORT=str(free_port()),
         PRODUCER_RATE="20",
         PRODUCER_SEED="7",
         FRAUDSTREAM_STOP_TIMEOUT="15",
+        **extra,
     )
-    box = Sandbox(root, env)
+    return Sandbox(root, env)
+
+
+def kill_leftovers(box: Sandbox, services: tuple[str, ...]) -> None:
+    """Last resort if stop itself was broken: the groups our PID files name, nothing else."""
+    for service in services:
+        for pid in (box.supervisor(service), box.pid(service)):
+            if pid and alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    box = make_sandbox(tmp_path_factory.mktemp("setup-local"), SERVICES)
     first = box.run("setup.sh")
     box.first_start = first  # type: ignore[attr-defined]
     try:
         yield box
     finally:
         box.run("setup.sh", "stop", timeout=60)
-        # Last resort if stop itself was broken: the groups our PID files name, nothing else.
-        for service in SERVICES:
-            pid = box.pid(service)
-            if pid and alive(pid):
-                os.killpg(pid, signal.SIGKILL)
+        kill_leftovers(box, SERVICES)
 
 
 def test_start_picks_local_mode_without_docker_and_starts_each_service_in_its_own_group(
@@ -149,11 +219,17 @@ def test_start_picks_local_mode_without_docker_and_starts_each_service_in_its_ow
     assert "no virtualenv" in first.stdout
     assert f"KAFKA_BOOTSTRAP_SERVERS={sandbox.bootstrap} {sys.executable} -m consumer" \
         in first.stdout
+    groups = set()
     for service in SERVICES:
-        pid = sandbox.pid(service)
+        pid, supervisor = sandbox.pid(service), sandbox.supervisor(service)
         assert pid is not None and alive(pid), f"{service} is not running"
-        assert os.getpgid(pid) == pid, f"{service} is not its own process group"
+        assert supervisor is not None and alive(supervisor), f"{service} has no supervisor"
+        # The supervisor leads a process group (and session) of its own, the service is in it.
+        assert os.getpgid(supervisor) == supervisor == os.getsid(supervisor)
+        assert os.getpgid(pid) == supervisor, f"{service} is not in its supervisor's group"
+        groups.add(supervisor)
         assert (sandbox.root / "run" / "logs" / f"{service}.log").is_file()
+    assert len(groups) == len(SERVICES) and os.getpgid(0) not in groups
     assert sandbox.pid("detector") is None and sandbox.pid("dashboard") is None
 
 
@@ -206,15 +282,57 @@ def test_logs_command_prints_the_service_log(sandbox: Sandbox) -> None:
     assert f"127.0.0.1:{sandbox.env['BROKER_PORT']}" in result.stdout
 
 
-def test_a_killed_service_shows_as_crashed_and_is_restarted(sandbox: Sandbox) -> None:
-    old = sandbox.pid("producer")
-    assert old is not None
-    os.killpg(old, signal.SIGKILL)
+def test_a_service_killed_with_sigkill_is_restarted_by_its_supervisor(sandbox: Sandbox) -> None:
+    old, supervisor = sandbox.pid("producer"), sandbox.supervisor("producer")
+    assert old is not None and supervisor is not None
+    os.kill(old, signal.SIGKILL)
     assert wait_until_gone([old]) == []
-    status = sandbox.run("setup.sh", "status")
-    producer_line = next(line for line in status.stdout.splitlines()
-                         if line.split()[:1] == ["producer"])
-    assert "crashed" in producer_line, status.stdout
+    line = sandbox.wait_for_status("producer", "running", timeout=20)
+    new = sandbox.pid("producer")
+    assert new is not None and new != old and alive(new)
+    assert f"running (pid {new}, up " in line and "restarts: 1" in line, line
+    assert sandbox.supervisor("producer") == supervisor and os.getpgid(new) == supervisor
+    assert "setup.sh: producer exited with code 137; restart 1 of 5 in 1 s" \
+        in sandbox.log("producer")
+    assert processes_running_module("producer", sandbox.root) == [new]
+
+
+def test_a_restarted_broker_ends_its_old_tansu_and_serves_the_topics_again(
+        sandbox: Sandbox) -> None:
+    """SIGKILL leaves tansu (its own session) running on the port: the supervisor ends it, so
+    the new broker can listen there, with its topics created afresh."""
+    old = sandbox.pid("broker")
+    assert old is not None
+    tansu = [p for p in processes_children(old) if alive(p)]
+    assert tansu, "the broker runs no child process"
+    os.kill(old, signal.SIGKILL)
+    sandbox.wait_for_status("broker", "running", timeout=30)
+    new = sandbox.pid("broker")
+    assert new is not None and new != old
+    assert wait_until_gone(tansu, timeout=10) == []
+    log = sandbox.log("broker")
+    assert "setup.sh: broker exited with code 137; restart 1 of 5 in 1 s" in log
+    assert "setup.sh: ending what broker left running" in log
+    consumer = Consumer({"bootstrap.servers": sandbox.bootstrap, "group.id": "setup-test"})
+    try:
+        deadline = time.monotonic() + 30
+        names: set[str] = set()
+        while time.monotonic() < deadline and topics.TRANSACTIONS not in names:
+            names = set(consumer.list_topics(timeout=5).topics)
+            time.sleep(0.2)
+    finally:
+        consumer.close()
+    assert {topics.TRANSACTIONS, topics.ALERTS, topics.DLQ} <= names
+
+
+def test_killing_a_whole_group_shows_as_crashed_and_setup_starts_it_again(
+        sandbox: Sandbox) -> None:
+    old, supervisor = sandbox.pid("producer"), sandbox.supervisor("producer")
+    assert old is not None and supervisor is not None
+    os.killpg(supervisor, signal.SIGKILL)  # the supervisor too: nobody restarts it
+    assert wait_until_gone([old, supervisor]) == []
+    producer_line = sandbox.status_line("producer")
+    assert "crashed" in producer_line, producer_line
     restarted = sandbox.run("setup.sh", "--local")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     new = sandbox.pid("producer")
@@ -223,13 +341,19 @@ def test_a_killed_service_shows_as_crashed_and_is_restarted(sandbox: Sandbox) ->
 
 
 def test_stop_ends_every_process_group(sandbox: Sandbox) -> None:
-    pids = [sandbox.pid(s) for s in SERVICES]
+    pids = [sandbox.pid(s) for s in SERVICES] + [sandbox.supervisor(s) for s in SERVICES]
     assert all(pids)
+    exits = {s: sandbox.log(s).count("exited with code") for s in SERVICES}
     result = sandbox.run("setup.sh", "stop", timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     assert wait_until_gone([p for p in pids if p]) == []
-    assert not list((sandbox.root / "run" / "pids").glob("*.pid"))
+    assert not list((sandbox.root / "run" / "pids").iterdir())
     assert processes_running_module("fraudstream.broker", sandbox.root) == []
+    assert processes_running_module("producer", sandbox.root) == []
+    assert supervisors_of(sandbox.root) == []
+    time.sleep(1.5)  # a supervisor that (wrongly) restarted would have logged by now
+    assert {s: sandbox.log(s).count("exited with code") for s in SERVICES} == exits
+    assert processes_running_module("producer", sandbox.root) == []
     status = sandbox.run("setup.sh", "status")
     assert f"Broker {sandbox.bootstrap} is not reachable" in status.stdout
 
@@ -253,3 +377,66 @@ def test_reset_stops_services_and_deletes_only_generated_state(sandbox: Sandbox)
     assert sorted(p.name for p in (sandbox.root / "parquet_data").iterdir()) == [".gitkeep"]
     assert mine.read_text() == "keep me"
     assert (sandbox.root / "setup.sh").is_file() and (sandbox.root / "fraudstream").is_dir()
+
+
+# --- a service that keeps crashing (a second sandbox: the producer alone, no broker) ------------
+
+
+@pytest.fixture(scope="module")
+def crashing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """PRODUCER_RATE_MIN=0 is refused by the producer's settings (exit 2) before it connects
+    anywhere, so the producer crashes at once on every start."""
+    box = make_sandbox(tmp_path_factory.mktemp("setup-crashing"), ("producer",),
+                       PRODUCER_RATE_MIN="0", SETUP_RESTART_LIMIT="2")
+    try:
+        yield box
+    finally:
+        box.run("setup.sh", "stop", timeout=60)
+        kill_leftovers(box, ("producer",))
+
+
+def test_a_service_that_keeps_crashing_is_crashed_after_the_restart_limit(
+        crashing: Sandbox) -> None:
+    started = crashing.run("setup.sh", "--local")
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert "producer exited right after starting" in started.stderr
+    assert "invalid setting PRODUCER_RATE_MIN" in started.stderr
+    line = crashing.wait_for_status("producer", "crashed", timeout=30)
+    assert "exited with code 2 after 2 restarts in a row" in line, line
+    status = crashing.run("setup.sh", "status").stdout
+    assert "gave up after 2 restarts in a row (SETUP_RESTART_LIMIT=2): crashed" in status
+    log = crashing.log("producer")
+    assert log.count("invalid setting PRODUCER_RATE_MIN") == 3  # the start and 2 restarts
+    assert "setup.sh: producer exited with code 2; restart 1 of 2 in 1 s" in log
+    assert "setup.sh: producer exited with code 2; restart 2 of 2 in 2 s" in log
+    assert wait_until_gone(supervisors_of(crashing.root), timeout=5) == []
+
+    result = crashing.run("setup.sh", "stop")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not list((crashing.root / "run" / "pids").iterdir())
+    assert processes_running_module("producer", crashing.root) == []
+    assert supervisors_of(crashing.root) == []
+    assert crashing.status_line("producer").split()[1] == "stopped"
+
+
+def test_stop_during_the_pause_before_a_restart_is_fast_and_restarts_nothing(
+        crashing: Sandbox) -> None:
+    env = {**crashing.env, "SETUP_RESTART_LIMIT": "5"}
+    started = subprocess.run(["./setup.sh", "--local"], cwd=crashing.root, env=env,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert started.returncode == 1, started.stdout + started.stderr
+    # By now (3 s after the start) the supervisor waits 2 or 4 s before the next restart.
+    assert crashing.status_line("producer").split()[1] in ("restarting", "running")
+    supervisor = crashing.supervisor("producer")
+    assert supervisor is not None and alive(supervisor)
+    begun = time.monotonic()
+    result = crashing.run("setup.sh", "stop")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - begun < 5, "stop waited for the restart pause"
+    assert wait_until_gone([supervisor]) == []
+    starts = crashing.log("producer").count("starting producer")
+    time.sleep(4.5)  # longer than the pause the supervisor was in
+    assert crashing.log("producer").count("starting producer") == starts
+    assert processes_running_module("producer", crashing.root) == []
+    assert supervisors_of(crashing.root) == []
