@@ -36,6 +36,7 @@ from fraudstream.datasets import (
     DLQ_SCHEMA,
     RULE_CHANGES_SCHEMA,
     TRANSACTIONS_SCHEMA,
+    dataset_files,
 )
 from fraudstream.kafka import ensure_topics, wait_for_broker
 from fraudstream.rules import MICROS, RuleDefinition, default_definitions
@@ -756,6 +757,33 @@ def test_dataset_cache_reads_only_changed_files_and_forgets_deleted_ones(tmp_pat
     for path in (tmp_path / ALERTS_DATASET / "batch_id=0").iterdir():
         path.unlink()
     assert cache.refresh()[0].num_rows == 0
+
+
+def test_dataset_cache_reads_every_epoch_once_and_follows_compaction(tmp_path: Path) -> None:
+    """A legacy batch, two epochs holding the same alert (a re-read topic), then compaction
+    replacing an epoch's batches: every alert shown exactly once at each step."""
+    cache = DatasetCache(tmp_path, ALERTS_DATASET, ALERTS_SCHEMA)
+    first, second, third = PARQUET_ALERTS[:1], PARQUET_ALERTS[1:2], PARQUET_ALERTS[2:3]
+    write_batch(tmp_path, ALERTS_DATASET, 0, first, ALERTS_SCHEMA)  # before epochs
+    write_batch(tmp_path / ALERTS_DATASET, "epoch=20261201T000000Z-aaaaaa", 0, first + second,
+                ALERTS_SCHEMA)
+    write_batch(tmp_path / ALERTS_DATASET, "epoch=20261202T000000Z-bbbbbb", 0, second,
+                ALERTS_SCHEMA)
+    write_batch(tmp_path / ALERTS_DATASET, "epoch=20261202T000000Z-bbbbbb", 1, third,
+                ALERTS_SCHEMA)
+    ids = cache.refresh()[0].column("alert_id").to_pylist()
+    assert sorted(ids) == sorted(a["alert_id"] for a in PARQUET_ALERTS[:3])
+    epoch = tmp_path / ALERTS_DATASET / "epoch=20261202T000000Z-bbbbbb"
+    (epoch / "compacted=0-1").mkdir()
+    pq.write_table(pa.Table.from_pylist(second + third, schema=ALERTS_SCHEMA),
+                   epoch / "compacted=0-1" / "part-0.parquet")
+    ids = cache.refresh()[0].column("alert_id").to_pylist()
+    assert sorted(ids) == sorted(a["alert_id"] for a in PARQUET_ALERTS[:3]), \
+        "batches covered by a compacted file must not be read next to it"
+    listed = [str(path.relative_to(tmp_path / ALERTS_DATASET).parent)
+              for path in dataset_files(tmp_path, ALERTS_DATASET)]
+    assert listed == ["batch_id=0", "epoch=20261201T000000Z-aaaaaa/batch_id=0",
+                      "epoch=20261202T000000Z-bbbbbb/compacted=0-1"]
 
 
 def test_metrics_tail_reads_appended_complete_lines(tmp_path: Path) -> None:

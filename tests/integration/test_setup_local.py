@@ -24,10 +24,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from fraudstream import schemas, topics
+from fraudstream import datasets, schemas, topics
 from fraudstream.broker import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,16 +178,16 @@ def make_sandbox(base: Path, services: tuple[str, ...], **extra: str) -> Sandbox
     drop = ("KAFKA_", "BROKER_", "FRAUDSTREAM_", "PRODUCER_", "PARQUET_DIR", "CHECKPOINT_DIR",
             "SETUP_", "ON_BROKER_RESET")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(
-        PATH=_path_without_docker(base / "bin"),
-        FRAUDSTREAM_PYTHON=sys.executable,
-        FRAUDSTREAM_SERVICES=" ".join(services),
-        BROKER_PORT=str(free_port()),
-        PRODUCER_RATE="20",
-        PRODUCER_SEED="7",
-        FRAUDSTREAM_STOP_TIMEOUT="15",
+    env.update({
+        "PATH": _path_without_docker(base / "bin"),
+        "FRAUDSTREAM_PYTHON": sys.executable,
+        "FRAUDSTREAM_SERVICES": " ".join(services),
+        "BROKER_PORT": str(free_port()),
+        "PRODUCER_RATE": "20",
+        "PRODUCER_SEED": "7",
+        "FRAUDSTREAM_STOP_TIMEOUT": "15",
         **extra,
-    )
+    })
     return Sandbox(root, env)
 
 
@@ -440,3 +441,71 @@ def test_stop_during_the_pause_before_a_restart_is_fast_and_restarts_nothing(
     assert crashing.log("producer").count("starting producer") == starts
     assert processes_running_module("producer", crashing.root) == []
     assert supervisors_of(crashing.root) == []
+
+
+# --- stop and start with the detector: the memory-only broker comes back empty -------------------
+
+PIPELINE = ("broker", "producer", "detector")
+
+
+def parquet_alert_ids(box: Sandbox) -> set[str]:
+    table = datasets.read_dataset(box.root / "parquet_data", schemas.ALERTS_DATASET,
+                                  pa.schema([("alert_id", pa.string())]))
+    return set(table.column("alert_id").to_pylist())
+
+
+def epochs_of(box: Sandbox) -> set[str]:
+    folder = box.root / "parquet_data" / schemas.TRANSACTIONS_DATASET
+    return {p.name for p in folder.glob("epoch=*")} if folder.is_dir() else set()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    box = make_sandbox(tmp_path_factory.mktemp("setup-pipeline"), PIPELINE,
+                       PRODUCER_RATE="40", PRODUCER_FRAUD_RATIO="0.2",
+                       FRAUDSTREAM_STOP_TIMEOUT="30")
+    try:
+        yield box
+    finally:
+        box.run("setup.sh", "stop", timeout=120)
+        kill_leftovers(box, PIPELINE)
+
+
+@pytest.mark.timeout(900)
+def test_stop_and_start_gives_alerts_again_and_keeps_every_earlier_alert(
+        pipeline: Sandbox) -> None:
+    """The broker loses every topic on stop; the detector's checkpoint does not. The second
+    start must begin a new epoch on its own (ON_BROKER_RESET=new-epoch in local mode) and raise
+    alerts again, with every alert of the first run still in Parquet."""
+    started = pipeline.run("setup.sh", "--local", timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    deadline = time.monotonic() + 300
+    while not parquet_alert_ids(pipeline) and time.monotonic() < deadline:
+        time.sleep(2)
+    first = parquet_alert_ids(pipeline)
+    assert first, "no alert in Parquet 300 s after the first start:\n" + pipeline.log("detector")
+    assert len(epochs_of(pipeline)) == 1
+    status = pipeline.run("setup.sh", "status").stdout
+    assert "detector: epoch " in status, status
+
+    stopped = pipeline.run("setup.sh", "stop", timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    first = parquet_alert_ids(pipeline)  # including what the last batch wrote
+
+    begun = time.monotonic()
+    started = pipeline.run("setup.sh", "--local", timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    deadline = begun + 300
+    while not parquet_alert_ids(pipeline) - first and time.monotonic() < deadline:
+        time.sleep(1)
+    waited = time.monotonic() - begun
+    after = parquet_alert_ids(pipeline)
+    print(f"\nstop/start: first new alert in Parquet {waited:.0f} s after ./setup.sh "
+          f"({len(first)} alerts of the first run kept)")
+    log = pipeline.log("detector")
+    assert after - first, "no new alert 300 s after the restart:\n" + log[-4000:]
+    assert first <= after, f"{len(first - after)} alerts of the first run are gone"
+    assert "BROKER RESET" in log
+    assert len(epochs_of(pipeline)) == 2
+    archived = pipeline.root / "run" / "checkpoint" / "archived"
+    assert len(list(archived.glob("epoch=*"))) == 1
