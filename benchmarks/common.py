@@ -590,14 +590,15 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 
 def parquet_alerts(parquet_dir: Path) -> list[dict[str, Any]]:
-    import pyarrow.dataset as ds
+    """Every alert row the detector wrote (every epoch, repeats kept: the comparison with the
+    oracle counts duplicates)."""
+    import pyarrow as pa
 
-    root = parquet_dir / schemas.ALERTS_DATASET
-    if not root.exists() or not any(root.rglob("*.parquet")):
-        return []
-    table = ds.dataset(root, format="parquet", partitioning="hive").to_table(
-        columns=["alert_id", "rule", "user_id", "transaction_ids"])
-    return table.to_pylist()
+    from fraudstream.datasets import ALERTS_SCHEMA, read_dataset
+
+    columns = ["alert_id", "rule", "user_id", "transaction_ids"]
+    schema = pa.schema([ALERTS_SCHEMA.field(name) for name in columns])
+    return read_dataset(parquet_dir, schemas.ALERTS_DATASET, schema, distinct=False).to_pylist()
 
 
 def metrics_path(parquet_dir: Path) -> Path:
