@@ -19,21 +19,23 @@ or ``.`` are writers' temporary files and never data. Two epochs may hold the sa
 checkpoint re-reading the same topic), so readers keep the first row per identity
 (``IDENTITY``).
 
-Column names follow the contracts in ``fraudstream.schemas``.
+The root is a local folder or an ``s3://`` URL (``fraudstream.storage``); listing and reading go
+through one pyarrow filesystem either way. Column names follow the contracts in
+``fraudstream.schemas``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from fraudstream.schemas import (
     ALERT_FIELDS,
@@ -42,6 +44,7 @@ from fraudstream.schemas import (
     RULE_CHANGES_DATASET,
     TRANSACTIONS_DATASET,
 )
+from fraudstream.storage import StoragePath, filesystem, storage_path
 
 log = logging.getLogger(__name__)
 
@@ -102,23 +105,23 @@ PART_FILE: Final = "part-0.parquet"
 _COMPACTED = re.compile(r"^compacted=(\d+)-(\d+)$")
 
 
-def epoch_folder(parquet_dir: Path, dataset: str, epoch: str) -> Path:
+def epoch_folder(parquet_dir: StoragePath, dataset: str, epoch: str) -> StoragePath:
     """Where one epoch of a dataset keeps its batch folders."""
-    return Path(parquet_dir) / dataset / f"{EPOCH_PREFIX}{epoch}"
+    return storage_path(parquet_dir) / dataset / f"{EPOCH_PREFIX}{epoch}"
 
 
-def batch_folder(epoch_root: Path, batch_id: int) -> Path:
+def batch_folder(epoch_root: StoragePath, batch_id: int) -> StoragePath:
     return epoch_root / f"{BATCH_PREFIX}{batch_id}"
 
 
-def compacted_ranges(folder: Path, names: Sequence[str]) -> list[tuple[int, int]]:
-    """The batch ranges of ``folder``'s committed compacted folders (their file is in place)."""
-    ranges = []
-    for name in names:
-        match = _COMPACTED.match(name)
-        if match and (folder / name / PART_FILE).is_file():
-            ranges.append((int(match[1]), int(match[2])))
-    return ranges
+@dataclass(frozen=True)
+class DataFile:
+    """One committed Parquet file: its path inside the filesystem, size and modification time
+    (together they identify a version: files are replaced whole, never appended to)."""
+
+    path: str
+    size: int
+    mtime_ns: int
 
 
 def _folder_order(name: str) -> tuple[int, str, int]:
@@ -132,27 +135,53 @@ def _folder_order(name: str) -> tuple[int, str, int]:
     return (1, name, 0)
 
 
-def dataset_files(root: Path, dataset: str) -> list[Path]:
-    """The committed Parquet files of one dataset, in history order (see the module docstring)."""
-    base = Path(root) / dataset
-    files: list[Path] = []
-    # os.walk ignores folders that vanish while it walks (compaction deleting covered batches).
-    for folder, subfolders, names in os.walk(base):
-        here = Path(folder)
-        covered = compacted_ranges(here, subfolders)
-        kept = []
-        for name in subfolders:
-            if name.startswith(("_", ".")):
+def _list_files(fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
+    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+    for attempt in range(3):
+        try:
+            return [info for info in fs.get_file_info(selector)
+                    if info.type == pafs.FileType.File]
+        except FileNotFoundError:  # a folder deleted while listing (compaction): list again
+            if attempt == 2:
+                raise
+    return []
+
+
+def list_dataset(root: StoragePath | str, dataset: str
+                 ) -> tuple[pafs.FileSystem, list[DataFile]]:
+    """The committed Parquet files of one dataset in history order (see the module docstring),
+    with the filesystem to read them from. Works on a local folder and on ``s3://``."""
+    fs, base_path = filesystem(root)
+    if isinstance(fs, pafs.LocalFileSystem):
+        base_path = str(Path(base_path).absolute())
+    base = f"{base_path.rstrip('/')}/{dataset}"
+    entries: list[tuple[list[str], pafs.FileInfo]] = []
+    covered: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+    for info in _list_files(fs, base):
+        parts = info.path[len(base) + 1:].split("/")
+        if any(part.startswith(("_", ".")) for part in parts) or not parts[-1].endswith(
+                ".parquet"):
+            continue
+        if len(parts) >= 2 and parts[-1] == PART_FILE and (match := _COMPACTED.match(parts[-2])):
+            covered.setdefault(tuple(parts[:-2]), []).append((int(match[1]), int(match[2])))
+        entries.append((parts, info))
+    files = []
+    for parts, info in entries:
+        if len(parts) >= 2 and parts[-2].startswith(BATCH_PREFIX):
+            number = parts[-2][len(BATCH_PREFIX):]
+            ranges = covered.get(tuple(parts[:-2]), ())
+            if number.isdigit() and any(a <= int(number) <= b for a, b in ranges):
                 continue
-            if name.startswith(BATCH_PREFIX) and covered:
-                number = name[len(BATCH_PREFIX):]
-                if number.isdigit() and any(a <= int(number) <= b for a, b in covered):
-                    continue
-            kept.append(name)
-        subfolders[:] = sorted(kept, key=_folder_order)
-        files.extend(here / name for name in sorted(names)
-                     if name.endswith(".parquet") and not name.startswith(("_", ".")))
-    return files
+        key = (tuple(_folder_order(part) for part in parts[:-1]), parts[-1])
+        files.append((key, DataFile(info.path, info.size or 0, info.mtime_ns or 0)))
+    files.sort(key=lambda item: item[0])
+    return fs, [data_file for _, data_file in files]
+
+
+def dataset_files(root: Path, dataset: str) -> list[Path]:
+    """``list_dataset`` for a local folder, as paths."""
+    _, files = list_dataset(root, dataset)
+    return [Path(data_file.path) for data_file in files]
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -169,12 +198,13 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def read_parquet_file(
-    path: Path, schema: pa.Schema, row_filter: pc.Expression | None = None
+    path: Path | str, schema: pa.Schema, row_filter: pc.Expression | None = None,
+    filesystem: pafs.FileSystem | None = None,
 ) -> pa.Table | None:
     """One file conformed to ``schema`` (missing columns become nulls, types are cast), or None
     with a logged warning if the file is unreadable or vanished (compacted away) meanwhile."""
     try:
-        with pq.ParquetFile(path) as parquet_file:
+        with pq.ParquetFile(str(path), filesystem=filesystem) as parquet_file:
             present = [name for name in schema.names if name in parquet_file.schema_arrow.names]
             table = parquet_file.read(columns=present)
         table = conform(table, schema)
@@ -202,8 +232,8 @@ def first_of_each(table: pa.Table, dataset: str) -> pa.Table:
 
 
 def read_dataset(
-    root: Path, dataset: str, schema: pa.Schema, row_filter: pc.Expression | None = None,
-    *, distinct: bool = True,
+    root: StoragePath | str, dataset: str, schema: pa.Schema,
+    row_filter: pc.Expression | None = None, *, distinct: bool = True,
 ) -> pa.Table:
     """Every committed row of a dataset as one table with ``schema`` (empty if none), each item
     once (``distinct``; identity columns are read for it even when ``schema`` leaves them out)."""
@@ -214,8 +244,10 @@ def read_dataset(
     read_schema = schema
     if extra and source is not None:
         read_schema = pa.schema([*schema, *(source.field(name) for name in extra)])
-    tables = [table for path in dataset_files(root, dataset)
-              if (table := read_parquet_file(path, read_schema, row_filter)) is not None]
+    fs, files = list_dataset(root, dataset)
+    tables = [table for data_file in files
+              if (table := read_parquet_file(data_file.path, read_schema, row_filter, fs))
+              is not None]
     if not tables:
         return schema.empty_table()
     table = pa.concat_tables(tables)

@@ -35,6 +35,7 @@ import yaml
 
 from fraudstream import topics
 from fraudstream.rules import KINDS, MICROS, RuleDefinition, default_definitions
+from fraudstream.storage import REMOTE_SCHEMES, RemotePath, StoragePath, storage_path
 
 CONFIG_ENV = "FRAUDSTREAM_CONFIG"
 KAFKA_SECTION = "kafka"
@@ -144,6 +145,11 @@ def convert(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, (dict, list)):
                 raise SettingsError(key, f"expected a string, got {type(value).__name__}")
             return str(value)
+        if base == StoragePath:
+            try:
+                return storage_path(str(value))
+            except ValueError as exc:
+                raise SettingsError(key, str(exc)) from None
         if base is Path:
             return Path(str(value)).expanduser()
         if typing.get_origin(base) is dict or base is dict:
@@ -164,17 +170,36 @@ _URL_PATH = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")
 
 
 def _check_local_paths(settings: BaseSettings, *names: str) -> None:
-    """A storage URL would silently become a local folder named ``s3a:``; refuse it instead."""
+    """A URL other than ``s3://`` for the Parquet root (or any URL for the checkpoint) would
+    silently become a local folder named ``s3a:``; refuse it instead."""
     for name in names:
         value = getattr(settings, name)
-        if value is None:
+        if value is None or isinstance(value, RemotePath):
             continue
         if match := _URL_PATH.match(str(value)):
-            raise SettingsError(
-                settings.field_key(name),
-                f"{match.group(1)}:// is a URL; only local (or mounted network) paths are "
-                "supported in this build; remote object storage is not wired yet",
-            )
+            scheme = match.group(1)
+            if name == "checkpoint_dir" and scheme.lower() in REMOTE_SCHEMES:
+                reason = ("Spark's checkpoint needs Hadoop's S3A filesystem (the hadoop-aws jar), "
+                          "which the pyspark wheel does not include; keep the checkpoint on a "
+                          "local or mounted path (PARQUET_DIR may be an s3:// URL)")
+            elif name == "checkpoint_dir":
+                reason = "only local (or mounted network) paths are supported for the checkpoint"
+            else:
+                reason = ("only local (or mounted network) paths and s3://bucket/prefix URLs "
+                          "are supported")
+            raise SettingsError(settings.field_key(name), f"{scheme}:// is a URL; {reason}")
+
+
+def default_metrics_file(parquet_dir: StoragePath) -> Path:
+    """Where the detector's metrics go (and the dashboard reads them) without METRICS_FILE:
+    beside the Parquet, or under run/ when the Parquet is in object storage (appending to an
+    object is not possible)."""
+    if isinstance(parquet_dir, RemotePath):
+        return Path("run") / "metrics" / "detector.jsonl"
+    return parquet_dir / "_metrics" / "detector.jsonl"
+
+
+_PARQUET_DIR_HELP = "Parquet output root: a local path or s3://bucket/prefix"
 
 
 class BaseSettings:
@@ -214,7 +239,7 @@ class BaseSettings:
             value = getattr(self, f.name)
             if f.metadata.get("secret") and value:
                 value = "***"
-            out[f.name] = str(value) if isinstance(value, Path) else value
+            out[f.name] = str(value) if isinstance(value, (Path, RemotePath)) else value
         return out
 
 
@@ -544,13 +569,15 @@ class DetectorSettings(KafkaSettings):
         "Kafka, Parquet and the console."
     )
 
-    parquet_dir: Path = setting(Path("parquet_data"), env="PARQUET_DIR", help="Parquet output root")
+    parquet_dir: StoragePath = setting(
+        Path("parquet_data"), env="PARQUET_DIR", help=_PARQUET_DIR_HELP)
     checkpoint_dir: Path = setting(
         Path("run/checkpoint"), env="CHECKPOINT_DIR", help="Spark checkpoint directory"
     )
     metrics_file: Path | None = setting(
         None, env="METRICS_FILE",
-        help="JSON-lines metrics per batch (default: <parquet_dir>/_metrics/detector.jsonl)",
+        help="JSON-lines metrics per batch (default: <parquet_dir>/_metrics/detector.jsonl; "
+             "run/metrics/detector.jsonl when PARQUET_DIR is an s3:// URL)",
     )
     starting_offsets: str = setting(
         "earliest", env="STARTING_OFFSETS", choices=("earliest", "latest"),
@@ -668,7 +695,7 @@ class DetectorSettings(KafkaSettings):
 
     @property
     def resolved_metrics_file(self) -> Path:
-        return self.metrics_file or self.parquet_dir / "_metrics" / "detector.jsonl"
+        return self.metrics_file or default_metrics_file(self.parquet_dir)
 
 
 #: The verdict database: an embedded SQLite file unless a PostgreSQL server is named.
@@ -718,9 +745,9 @@ class ConsumerSettings(KafkaSettings):
         30.0, env="CONSUMER_CONNECT_TIMEOUT", minimum=0.1,
         help="seconds to wait for the broker before giving up",
     )
-    parquet_dir: Path = setting(
+    parquet_dir: StoragePath = setting(
         Path("parquet_data"), env="PARQUET_DIR",
-        help="Parquet output root; --verdict looks the alert up in its alerts/ folder",
+        help=_PARQUET_DIR_HELP + "; --verdict looks the alert up in its alerts/ folder",
     )
     verdicts_url: str = _verdicts_url_setting()
 
@@ -739,10 +766,12 @@ class DashboardSettings(KafkaSettings):
     PROG: typing.ClassVar[str] = "python -m dashboard"
     DESCRIPTION: typing.ClassVar[str] = "Serve the fraudstream Streamlit dashboard."
 
-    parquet_dir: Path = setting(Path("parquet_data"), env="PARQUET_DIR", help="Parquet output root")
+    parquet_dir: StoragePath = setting(
+        Path("parquet_data"), env="PARQUET_DIR", help=_PARQUET_DIR_HELP)
     metrics_file: Path | None = setting(
         None, env="METRICS_FILE",
-        help="detector metrics (default: <parquet_dir>/_metrics/detector.jsonl)",
+        help="detector metrics (default: <parquet_dir>/_metrics/detector.jsonl; "
+             "run/metrics/detector.jsonl when PARQUET_DIR is an s3:// URL)",
     )
     refresh_seconds: float = setting(
         3.0, env="DASHBOARD_REFRESH_SECONDS", minimum=0.5, help="live view refresh interval"
@@ -765,7 +794,7 @@ class DashboardSettings(KafkaSettings):
 
     @property
     def resolved_metrics_file(self) -> Path:
-        return self.metrics_file or self.parquet_dir / "_metrics" / "detector.jsonl"
+        return self.metrics_file or default_metrics_file(self.parquet_dir)
 
 
 @dataclass(frozen=True)
@@ -786,9 +815,9 @@ class RulesSettings(KafkaSettings):
         env="RETENTION_SECONDS", minimum=1,
         help="the detector's retention horizon: rules with a longer window are refused",
     )
-    parquet_dir: Path = setting(
+    parquet_dir: StoragePath = setting(
         Path("parquet_data"), env="PARQUET_DIR",
-        help="Parquet output root; `history` also reads its rule_changes/ folder",
+        help=_PARQUET_DIR_HELP + "; `history` also reads its rule_changes/ folder",
     )
     analyst: str | None = setting(
         None, env="FRAUDSTREAM_ANALYST",

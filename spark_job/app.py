@@ -26,6 +26,7 @@ from fraudstream.kafka import BrokerUnavailable, wait_for_broker
 from fraudstream.rules.ruleset import rules_in_force
 from fraudstream.rules.store import RulesTopic, RulesTopicError
 from fraudstream.settings import DetectorSettings, SettingsError
+from fraudstream.storage import StoragePath
 from spark_job.batch import BatchProcessor, DetectorOutputs
 from spark_job.compact import CompactionBusy, CompactionError, compact
 from spark_job.detection_input import DETECTION_INPUT_DECODER, RULE_RECORD_DECODER
@@ -128,7 +129,7 @@ def build_outputs(settings: DetectorSettings, epoch: str) -> DetectorOutputs:
     """The sinks of one epoch: its Parquet folders, the two topics and the console."""
     client = settings.client_config()
 
-    def folder(dataset: str) -> Path:
+    def folder(dataset: str) -> StoragePath:
         return datasets.epoch_folder(settings.parquet_dir, dataset, epoch)
 
     alerts: list[RecordSink] = [
@@ -222,15 +223,20 @@ class BackgroundCompaction:
     beside the query: it never touches the newest batch of an epoch nor the current hour, and
     each merge is committed by one atomic rename."""
 
-    def __init__(self, parquet_dir: Path, interval_seconds: float) -> None:
+    def __init__(self, parquet_dir: StoragePath, interval_seconds: float) -> None:
         self.parquet_dir = parquet_dir
         self.interval = interval_seconds
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="compaction", daemon=True)
 
     def start(self) -> None:
-        if self.interval > 0:
-            self.thread.start()
+        if self.interval <= 0:
+            return
+        if not isinstance(self.parquet_dir, Path):
+            log.info("no background compaction: it works on local Parquet folders only, and "
+                     "%s is in object storage", self.parquet_dir)
+            return
+        self.thread.start()
 
     def stop(self) -> None:
         self.stopped.set()

@@ -514,6 +514,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if namespace.min_age_minutes < 0:
             print(f"{PROG}: --min-age-minutes must not be negative", file=sys.stderr)
             return 2
+        if not isinstance(settings.parquet_dir, Path):
+            print(f"{PROG}: {settings.parquet_dir} is in object storage; compaction works on "
+                  "local (or mounted) Parquet folders only", file=sys.stderr)
+            return 2
         try:
             report = compact(settings.parquet_dir, min_age_minutes=namespace.min_age_minutes,
                              dry_run=namespace.dry_run)

@@ -29,10 +29,12 @@ from typing import Any, Protocol, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 from confluent_kafka import KafkaError, Producer
+from pyarrow import fs as pafs
 
 from fraudstream import datasets, schemas
-from fraudstream.datasets import batch_folder
+from fraudstream.datasets import PART_FILE, batch_folder
 from fraudstream.rules.kinds import ansi_colour
+from fraudstream.storage import StoragePath, filesystem, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,18 @@ class SinkError(RuntimeError):
 
 
 class ParquetBatchSink:
-    """One Parquet file per batch at ``<root>/batch_id=<N>/part-0.parquet``, replaced atomically;
-    an empty batch leaves no folder (and removes one a previous attempt wrote). ``root`` is one
-    epoch's folder of a dataset: only this run replays into it."""
+    """One Parquet file per batch at ``<root>/batch_id=<N>/part-0.parquet``; an empty batch
+    leaves no folder (and removes one a previous attempt wrote). ``root`` is one epoch's folder
+    of a dataset: only this run replays into it.
 
-    def __init__(self, root: Path, schema: pa.Schema) -> None:
+    Atomic on both kinds of storage: a local file is written to a temporary name and renamed
+    into place; an S3 object becomes visible whole when its upload completes, so it is written
+    straight to its key (``fraudstream.storage``)."""
+
+    def __init__(self, root: StoragePath, schema: pa.Schema) -> None:
         self.root = root
         self.schema = schema
+        self.remote = is_remote(root)
 
     def write(self, batch_id: int, records: Sequence[Record]) -> None:
         table = pa.Table.from_pylist([{k: r.get(k) for k in self.schema.names} for r in records],
@@ -72,6 +79,10 @@ class ParquetBatchSink:
     def write_table(self, batch_id: int, table: pa.Table) -> None:
         """The same contract for rows already in Arrow (selected and cast to the schema)."""
         folder = batch_folder(self.root, batch_id)
+        if self.remote:
+            self._write_remote(folder, table)
+            return
+        assert isinstance(folder, Path)
         if not table.num_rows:
             shutil.rmtree(folder, ignore_errors=True)
             return
@@ -79,7 +90,19 @@ class ParquetBatchSink:
         folder.mkdir(parents=True, exist_ok=True)
         temporary = folder / f".part-0.{uuid.uuid4().hex}.tmp"
         pq.write_table(table, temporary)
-        os.replace(temporary, folder / "part-0.parquet")
+        os.replace(temporary, folder / PART_FILE)
+
+    def _write_remote(self, folder: StoragePath, table: pa.Table) -> None:
+        fs, path = filesystem(folder)
+        try:
+            if not table.num_rows:
+                if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                    fs.delete_dir(path)
+                return
+            table = table.select(self.schema.names).cast(self.schema)
+            pq.write_table(table, f"{path}/{PART_FILE}", filesystem=fs)
+        except OSError as exc:
+            raise SinkError(f"cannot write {folder}/{PART_FILE}: {exc}") from exc
 
     def close(self) -> None:
         pass

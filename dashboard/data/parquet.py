@@ -12,17 +12,18 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 
 import pyarrow as pa
+from pyarrow.fs import FileSystem
 
 from fraudstream.datasets import (
     DLQ_SCHEMA,
     TRANSACTIONS_SCHEMA,
-    dataset_files,
     first_of_each,
+    list_dataset,
     read_parquet_file,
 )
+from fraudstream.storage import StoragePath, storage_path
 
 #: The transaction columns the dashboard keeps in memory (evidence, amounts, quality).
 TRANSACTION_VIEW_SCHEMA = pa.schema([
@@ -48,45 +49,41 @@ class DatasetCache:
     the table does, so callers can memoise what they derive from it.
     """
 
-    def __init__(self, root: Path, dataset: str, schema: pa.Schema) -> None:
-        self.root = Path(root)
+    def __init__(self, root: StoragePath | str, dataset: str, schema: pa.Schema) -> None:
+        self.root = storage_path(root)
         self.dataset = dataset
         self.schema = schema
         self.version = 0
         self._table = schema.empty_table()
-        self._files: dict[Path, tuple[_Signature, pa.Table]] = {}
-        self._unreadable: dict[Path, _Signature] = {}
+        self._files: dict[str, tuple[_Signature, pa.Table]] = {}
+        self._unreadable: dict[str, _Signature] = {}
         self._lock = threading.Lock()
 
     def refresh(self) -> tuple[pa.Table, int]:
         """Pick up new, replaced and deleted files; returns the table and its version."""
         with self._lock:
-            current: dict[Path, tuple[_Signature, pa.Table]] = {}
-            unreadable: dict[Path, _Signature] = {}
-            to_read: list[tuple[Path, _Signature]] = []
-            for path in dataset_files(self.root, self.dataset):
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:  # replaced between listing and stat
-                    continue
-                signature = (stat.st_mtime_ns, stat.st_size)
-                known = self._files.get(path)
-                if known is not None and known[0] == signature:
+            fs, files = list_dataset(self.root, self.dataset)
+            signatures = {f.path: (f.mtime_ns, f.size) for f in files}
+            to_read = [path for path, signature in signatures.items()
+                       if (known := self._files.get(path)) is None or known[0] != signature]
+            to_read = [path for path in to_read if self._unreadable.get(path) != signatures[path]]
+            read = dict(zip(to_read, self._read(fs, to_read), strict=True))
+            current: dict[str, tuple[_Signature, pa.Table]] = {}
+            unreadable: dict[str, _Signature] = {}
+            for path, signature in signatures.items():  # history order, for first_of_each
+                if path in read:
+                    table = read[path]
+                    if table is None:
+                        unreadable[path] = signature
+                    else:
+                        current[path] = (signature, table)
+                elif (known := self._files.get(path)) is not None and known[0] == signature:
                     current[path] = known
                 elif self._unreadable.get(path) == signature:
                     unreadable[path] = signature  # warned once; retried when it changes
-                else:
-                    to_read.append((path, signature))
-            changed = False
-            for (path, signature), table in zip(to_read, self._read([p for p, _ in to_read]),
-                                                strict=True):
-                if table is None:
-                    unreadable[path] = signature
-                else:
-                    current[path] = (signature, table)
-                    changed = True
             self._unreadable = unreadable
-            if changed or current.keys() != self._files.keys():
+            if any(read.get(path) is not None for path in read) or \
+                    list(current) != list(self._files):
                 self._files = current
                 tables = [table for _, table in current.values()]
                 self._table = (first_of_each(pa.concat_tables(tables), self.dataset) if tables
@@ -94,8 +91,9 @@ class DatasetCache:
                 self.version += 1
             return self._table, self.version
 
-    def _read(self, paths: list[Path]) -> list[pa.Table | None]:
+    def _read(self, fs: FileSystem, paths: list[str]) -> list[pa.Table | None]:
+        read = partial(read_parquet_file, schema=self.schema, filesystem=fs)
         if len(paths) <= 1:
-            return [read_parquet_file(path, self.schema) for path in paths]
+            return [read(path) for path in paths]
         with ThreadPoolExecutor(_READERS) as pool:
-            return list(pool.map(partial(read_parquet_file, schema=self.schema), paths))
+            return list(pool.map(read, paths))

@@ -103,7 +103,7 @@ class RulesStore:
                  retention_seconds: float, max_age: float = 3.0, timeout: float = 5.0) -> None:
         self.topic = RulesTopic({**client_config, **QUIET}, topic, timeout=timeout)
         self.horizon_us = round(retention_seconds * MICROS)
-        self._log = DatasetCache(Path(parquet_dir), RULE_CHANGES_DATASET, RULE_CHANGES_SCHEMA)
+        self._log = DatasetCache(parquet_dir, RULE_CHANGES_DATASET, RULE_CHANGES_SCHEMA)
         self._snapshot = Expiring(self._read, RulesSnapshot(RuleSet(), (), None, "not read yet"),
                                   max_age)
 

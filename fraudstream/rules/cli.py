@@ -39,6 +39,7 @@ from fraudstream.rules.ruleset import APPLIED, DELETED, REFUSED, RuleChange, Rul
 from fraudstream.rules.store import RuleRecord, RulesTopic, RulesTopicError
 from fraudstream.schemas import RULE_CHANGES_DATASET, format_timestamp, utc_now
 from fraudstream.settings import RulesSettings, build_parser, load_settings, run_entry_point
+from fraudstream.storage import StoragePath
 
 __all__ = [
     "Refusal",
@@ -457,12 +458,10 @@ def _utc_from_us(us: int) -> datetime:
     return datetime.fromtimestamp(us / 1_000_000, UTC)
 
 
-def read_parquet_history(parquet_dir: Path) -> list[dict[str, Any]]:
+def read_parquet_history(parquet_dir: StoragePath) -> list[dict[str, Any]]:
     """Rows of the detector's ``rule_changes`` dataset, every epoch in order (empty when there is
     none). It is the durable history: the topic is compacted, so old versions survive only here."""
     folder = parquet_dir / RULE_CHANGES_DATASET
-    if not folder.is_dir():
-        return []
     try:
         from fraudstream.datasets import RULE_CHANGES_SCHEMA, read_dataset  # needs Arrow
 

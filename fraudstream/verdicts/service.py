@@ -9,9 +9,9 @@ repaired.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from fraudstream.schemas import ALERTS_DATASET
+from fraudstream.storage import StoragePath
 from fraudstream.verdicts.model import Verdict, VerdictError
 from fraudstream.verdicts.publish import VerdictPublisher, VerdictPublishError
 from fraudstream.verdicts.store import RecordedVerdict, VerdictStore
@@ -51,13 +51,13 @@ def decide(store: VerdictStore, verdict: Verdict, *, known: Callable[[str], bool
     return recorded
 
 
-def parquet_alert_ids(parquet_dir: Path) -> set[str]:
+def parquet_alert_ids(parquet_dir: StoragePath) -> set[str]:
     """Every alert id in ``<parquet_dir>/alerts/`` (every epoch and batch; empty if there is
     none). An unreadable file is skipped with a logged warning."""
     import pyarrow as pa  # only this function needs Arrow
 
     from fraudstream.datasets import read_dataset
 
-    table = read_dataset(Path(parquet_dir), ALERTS_DATASET,
+    table = read_dataset(parquet_dir, ALERTS_DATASET,
                          pa.schema([("alert_id", pa.string())]))
     return {alert_id for alert_id in table.column("alert_id").to_pylist() if alert_id}

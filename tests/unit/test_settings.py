@@ -381,8 +381,24 @@ def test_storage_urls_are_refused_naming_the_key(cls: type, env: str, url: str) 
     assert env in error.key
     scheme = url.split(":", 1)[0]
     assert f"{scheme}://" in error.message
-    assert "only local (or mounted network) paths are supported" in error.message
-    assert "remote object storage is not wired yet" in error.message
+    assert "only local (or mounted network) paths" in error.message
+
+
+@pytest.mark.parametrize("cls", [DetectorSettings, ConsumerSettings, DashboardSettings,
+                                 RulesSettings])
+def test_the_parquet_root_may_be_an_s3_url(cls: type) -> None:
+    settings, _ = load_settings(cls, [], {"PARQUET_DIR": "s3://bucket/fraud/"})
+    assert str(settings.parquet_dir) == "s3://bucket/fraud"
+    assert str(settings.parquet_dir / "alerts") == "s3://bucket/fraud/alerts"
+    if hasattr(settings, "resolved_metrics_file"):  # an object cannot be appended to
+        assert settings.resolved_metrics_file == Path("run/metrics/detector.jsonl")
+
+
+def test_the_checkpoint_cannot_be_on_s3_and_says_why() -> None:
+    error = error_of(DetectorSettings, [], {"CHECKPOINT_DIR": "s3://bucket/checkpoint"})
+    assert "CHECKPOINT_DIR" in error.key and "hadoop-aws" in error.message
+    error = error_of(DetectorSettings, [], {"PARQUET_DIR": "s3://"})
+    assert "PARQUET_DIR" in error.key and "bucket" in error.message
 
 
 @pytest.mark.parametrize(("cls", "env"), STORAGE_PATHS)
