@@ -203,8 +203,10 @@ def explain_failure(text: str) -> tuple[str, str]:
             if "records were lost" in cause:
                 # failOnDataLoss is an option of the source, not a detector setting.
                 return cause.split("; set ")[0], (
-                    "the checkpoint's offsets are gone from the broker: ./reset.sh (or a new "
-                    "CHECKPOINT_DIR) reads the topic again from the start")
+                    "the checkpoint's offsets are gone from the broker: start again with "
+                    "ON_BROKER_RESET=new-epoch (archives the checkpoint, keeps all Parquet; "
+                    "./setup.sh does this), or a new CHECKPOINT_DIR, or ./reset.sh (deletes "
+                    "everything)")
             return cause, "fix the cause; a restart resumes from the checkpoint"
     # A failure inside foreachBatch arrives as py4j's "exception raised by the Python Proxy"
     # with the Python traceback after it: its last "SomeError: message" line is the cause.
