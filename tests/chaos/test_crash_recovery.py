@@ -47,6 +47,7 @@ from support.pipeline import (
     DetectorRun,
     TopicTail,
     alert_rows,
+    batch_folder,
     caught_up,
     dedup_by_alert_id,
     detector_env,
@@ -122,11 +123,11 @@ def uncommitted_alert_ids(checkpoint: Path, parquet: Path) -> list[str] | None:
     planned, committed = log_heads(checkpoint)
     if planned <= committed:
         return None
-    part = parquet / schemas.ALERTS_DATASET / f"batch_id={planned}" / "part-0.parquet"
     try:
+        part = batch_folder(parquet, checkpoint, schemas.ALERTS_DATASET, planned) / "part-0.parquet"
         return pq.read_table(part, columns=["alert_id"]).column("alert_id").to_pylist() or None
-    except (FileNotFoundError, OSError, pa.ArrowInvalid):
-        return None  # not written yet, or being replaced
+    except (FileNotFoundError, OSError, ValueError, pa.ArrowInvalid):
+        return None  # not written yet (no epoch file yet either), or being replaced
 
 
 def kill(run: DetectorRun, checkpoint: Path, mode: str) -> Kill:
@@ -266,7 +267,7 @@ def test_replaying_a_written_but_uncommitted_batch_leaves_no_duplicate_rows(
         crashed: Crashed) -> None:
     seed, parquet = crashed.seed, crashed.parquet
     replayed = drop_newest_commit(crashed.checkpoint)
-    assert (parquet / schemas.ALERTS_DATASET / f"batch_id={replayed}").is_dir(), \
+    assert batch_folder(parquet, crashed.checkpoint, schemas.ALERTS_DATASET, replayed).is_dir(), \
         f"seed {seed}: the replayed batch must hold alerts, or the test proves nothing"
     runs_before = sum(line["batch_id"] == replayed for line in metrics_lines(parquet))
 

@@ -25,8 +25,9 @@ from typing import IO, Any
 import pyarrow.dataset as ds
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from fraudstream import schemas
+from fraudstream import datasets, schemas
 from producer.generator import encode_transaction
+from spark_job.epochs import EPOCH_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -221,6 +222,14 @@ def parquet_rows(root: Path) -> list[dict[str, Any]]:
     dataset = ds.dataset(root, format="parquet", partitioning="hive",
                          exclude_invalid_files=True)
     return dataset.to_table().to_pylist()
+
+
+def batch_folder(parquet_dir: Path, checkpoint_dir: Path, dataset: str, batch_id: int) -> Path:
+    """Where the detector writes one batch of a dataset in the checkpoint's current epoch."""
+    epoch = json.loads((checkpoint_dir / EPOCH_FILE).read_text())["epoch"]
+    folder = datasets.batch_folder(datasets.epoch_folder(parquet_dir, dataset, epoch), batch_id)
+    assert isinstance(folder, Path)
+    return folder
 
 
 def alert_rows(parquet_dir: Path) -> list[dict[str, Any]]:
