@@ -537,6 +537,17 @@ class ProducerSettings(KafkaSettings):
         0.02, env="PRODUCER_FRAUD_RATIO", minimum=0, maximum=1,
         help="probability that the next event starts an injected fraud episode",
     )
+    hard_negative_scale: float = setting(
+        1.0, env="PRODUCER_HARD_NEGATIVE_SCALE", minimum=0, maximum=10,
+        help="multiplies the default rates of legitimate look-alikes of fraud (legit_traveller, "
+             "legit_big_ticket, legit_paypal_bundle, legit_shared_card, legit_night_shift; "
+             "docs/traffic.md); 0 = none",
+    )
+    evading_scale: float = setting(
+        1.0, env="PRODUCER_EVADING_SCALE", minimum=0, maximum=10,
+        help="multiplies the default rates of fraud the rules cannot see (labelled with the rule "
+             "meant to catch it; docs/traffic.md); 0 = none",
+    )
     from_file: Path | None = setting(
         None, env="PRODUCER_FROM_FILE", help="replay transactions from a JSON-lines file"
     )

@@ -24,9 +24,11 @@ from fraudstream.schemas import RULES
 from fraudstream.settings import ProducerSettings
 from fraudstream.topics import DEFAULT_TRANSACTIONS_PARTITIONS, TopicSpec
 from producer.generator import (
+    EVADING,
     TransactionGenerator,
     encode_transaction,
     iter_replay,
+    scenario_rates,
     users_needed,
 )
 
@@ -218,13 +220,17 @@ class ProducerApp:
         generator = TransactionGenerator(
             users=settings.users, merchants=settings.merchants,
             fraud_ratio=settings.fraud_ratio, seed=settings.seed,
+            scenario_rates=scenario_rates(settings.hard_negative_scale, settings.evading_scale),
         )
         self.generator = generator
-        log.info("generator: %d users, %d merchants, fraud ratio %.3f, seed %d (pass --seed %d "
-                 "to replay this stream)", settings.users, settings.merchants,
-                 settings.fraud_ratio, generator.seed, generator.seed)
+        log.info("generator: %d users, %d merchants, fraud ratio %.3f, hard negatives x%g, "
+                 "evading fraud x%g, seed %d (pass --seed %d to replay this stream)",
+                 settings.users, settings.merchants, settings.fraud_ratio,
+                 settings.hard_negative_scale, settings.evading_scale, generator.seed,
+                 generator.seed)
         peak = self.schedule.fastest
-        wanted = users_needed(peak, settings.fraud_ratio) if math.isfinite(peak) else 0
+        wanted = (users_needed(peak, settings.fraud_ratio, generator.scenario_rates)
+                  if math.isfinite(peak) else 0)
         if settings.users < wanted:
             log.warning("%d users are too few for %.0f tx/s (want >= %d): extra users will be "
                         "created to keep normal traffic rule-free", settings.users, peak, wanted)
@@ -330,8 +336,11 @@ class ProducerApp:
         if generator is None:
             return ""
         started = " ".join(f"{rule}={generator.episodes_started[rule]}" for rule in RULES)
+        mix = generator.scenarios_started
+        evading = sum(mix[name] for name in EVADING)
+        scenarios = f" hard_negatives={sum(mix.values()) - evading} evading={evading}"
         extra = f" extra_users={generator.extra_users}" if generator.extra_users else ""
-        return f" episodes: {started}{extra}"
+        return f" episodes: {started}{scenarios}{extra}"
 
     def _finish(self, producer: Producer, started: float) -> int:
         settings = self.settings

@@ -1,14 +1,26 @@
-"""Seeded synthetic transactions with labelled fraud episodes (pure: no Kafka, no wall clock).
+"""Seeded synthetic transactions with labelled fraud episodes and realistic look-alikes (pure: no
+Kafka, no wall clock).
 
-The generator is the ground truth of detection-quality measurements, so it makes two promises
-under the default rule thresholds (the parameters of the default rules,
+The generator is the ground truth of detection-quality measurements. Three kinds of traffic, all
+judged against the default rule thresholds (the parameters of the default rules,
 ``fraudstream.rules.kinds.KINDS[...].defaults``):
 
-* normal traffic never satisfies any rule: a user's normal transactions are at least 21 s apart
-  (four never fit in 60 s), their PayPal payments under 50 at least 81 s apart (four never fit
-  in 240 s), and a user changes city only after more than 120 s of silence;
-* every injected episode satisfies exactly its own rule and no other, on a user who is silent
-  for 250 s (longer than the largest window) before and after it, so no normal event joins it.
+* normal traffic (``fraud_pattern`` null) never satisfies any rule: a user's normal transactions
+  are at least 21 s apart (four never fit in 60 s), their PayPal payments under 50 at least 81 s
+  apart (four never fit in 240 s), and a user changes city only after more than 120 s of silence;
+* fraud episodes, started with probability ``fraud_ratio`` per emitted event, each satisfy
+  exactly their own rule and no other (``fraud_pattern`` = that rule id, ``is_fraud`` true);
+* the *scenario mix* (``scenario_rates``, see ``SCENARIOS`` and docs/traffic.md), each started
+  with its own probability per emitted event: hard negatives, legitimate behaviour that looks like
+  fraud (``is_fraud`` false, ``fraud_pattern`` = the scenario name, e.g. ``legit_traveller``),
+  each tripping only the rule it imitates and that with a documented probability
+  (``TRIP_RATES``); and evading fraud (``is_fraud`` true, ``fraud_pattern`` = the rule meant to
+  catch it) that never trips any rule. With the default mix, measured precision and recall are
+  below 1, as on real traffic; ``scenario_rates=NO_SCENARIOS`` gives the clean stream (the
+  stream of the same seed without the mix, identical event for event).
+
+Every episode runs on a user who is silent for 250 s (longer than the largest window) before and
+after it, so no normal event joins it.
 
 Event time is always supplied by the caller: wall-clock milliseconds in the producer, a simulated
 clock (start + nominal rate) in :meth:`TransactionGenerator.generate`. The same seed and the same
@@ -17,10 +29,10 @@ instance are used, never global random state.
 
 Users are picked at random among those currently free. A user is busy for 21-25 s after each
 transaction, and an episode holds its user for its span plus up to 250 s of silence on each side,
-so the pool must hold at least ~25 x rate users, ~35 x rate at the default 2 % fraud ratio
-(:func:`users_needed`; the default 5000 covers ~140 tx/s). When nobody is free the event comes
-from a freshly created extra user instead of breaking the guarantee, so unlimited-rate runs grow
-the population (see ``extra_users``).
+so the pool must hold at least ~25 x rate users, ~49 x rate at the default 2 % fraud ratio and
+default mix (:func:`users_needed`; the default 5000 covers ~100 tx/s). When nobody is free the
+event comes from a freshly created extra user instead of breaking the guarantee, so
+unlimited-rate runs grow the population (see ``extra_users``).
 """
 
 from __future__ import annotations
@@ -31,9 +43,10 @@ import math
 import random
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Final
 
 from faker import Faker
@@ -123,6 +136,18 @@ CURRENCY_BY_COUNTRY: Final[dict[str, str]] = {
     "HU": "HUF", "US": "USD",
 }
 
+#: Country -> UTC offset in hours, standard time (US cities by their own zone below).
+_COUNTRY_UTC_OFFSET: Final[dict[str, int]] = {
+    "GB": 0, "IE": 0, "PT": 0, "FI": 2, "GR": 2,
+    **dict.fromkeys(("FR", "DE", "ES", "IT", "NL", "BE", "AT", "CH", "SE", "DK", "NO", "PL",
+                     "CZ", "HU"), 1),
+}
+#: City -> UTC offset in hours, standard time (DST ignored); decides what "night" is locally.
+CITY_UTC_OFFSET: Final[dict[str, int]] = {
+    city: _COUNTRY_UTC_OFFSET.get(country, 0) for city, country in CITY_COUNTRY.items()
+} | {"New York": -5, "Miami": -5, "Boston": -5, "Chicago": -6, "Houston": -6, "Denver": -7,
+     "Los Angeles": -8, "San Francisco": -8, "Seattle": -8}
+
 # --- rule thresholds the guarantees are built on (the default rules' parameters) -----------------
 
 
@@ -153,6 +178,76 @@ ISOLATION_MS: Final = PAYPAL_MICRO_WINDOW_MS + 10_000
 #: Users needed per tx/s of rate so that someone is always free.
 USERS_PER_TX_PER_S: Final = (NORMAL_MIN_GAP_MS + NORMAL_GAP_JITTER_MS) // 1000
 
+# --- the scenario mix: hard negatives and evading fraud (docs/traffic.md) -----------------------
+
+LEGIT_TRAVELLER: Final = "legit_traveller"
+LEGIT_BIG_TICKET: Final = "legit_big_ticket"
+LEGIT_PAYPAL_BUNDLE: Final = "legit_paypal_bundle"
+LEGIT_SHARED_CARD: Final = "legit_shared_card"
+LEGIT_NIGHT_SHIFT: Final = "legit_night_shift"
+#: Legitimate behaviour that looks like fraud: ``is_fraud`` false, ``fraud_pattern`` = the name.
+HARD_NEGATIVES: Final = (LEGIT_TRAVELLER, LEGIT_BIG_TICKET, LEGIT_PAYPAL_BUNDLE,
+                         LEGIT_SHARED_CARD, LEGIT_NIGHT_SHIFT)
+#: Fraud the default rules cannot see -> the rule meant to catch it (its ``fraud_pattern``).
+EVADING: Final[Mapping[str, str]] = MappingProxyType({
+    "evading_high_value": HIGH_VALUE,  # a stolen card spent just under the amount limit
+    "evading_velocity": VELOCITY,  # slow card testing: never 4 tries within 60 s
+    "evading_multi_location": MULTI_LOCATION,  # a cloned card used > 120 s after the owner paid
+    "evading_paypal_micro": PAYPAL_MICRO,  # small PayPal charges at least 81 s apart
+})
+#: Every scenario of the mix, in the order their rates are cumulated.
+SCENARIOS: Final = (*HARD_NEGATIVES, *EVADING)
+#: The rule each hard negative imitates (None: it trips no rule).
+IMITATES: Final[Mapping[str, str | None]] = MappingProxyType({
+    LEGIT_TRAVELLER: MULTI_LOCATION,
+    LEGIT_BIG_TICKET: HIGH_VALUE,
+    LEGIT_PAYPAL_BUNDLE: PAYPAL_MICRO,
+    LEGIT_SHARED_CARD: VELOCITY,
+    LEGIT_NIGHT_SHIFT: None,
+})
+#: Expected fraction of a hard negative's episodes that trip the rule it imitates (default rules):
+#: travellers pay away 30-210 s after the home payment (within 120 s: 1/2); big tickets are all
+#: above 3,500; bundles and shared cards hold 2-5 payments (more than 3: 1/2); night shifts and
+#: every evading scenario trip nothing.
+TRIP_RATES: Final[Mapping[str, float]] = MappingProxyType({
+    LEGIT_TRAVELLER: 0.5, LEGIT_BIG_TICKET: 1.0, LEGIT_PAYPAL_BUNDLE: 0.5,
+    LEGIT_SHARED_CARD: 0.5, LEGIT_NIGHT_SHIFT: 0.0,
+    **dict.fromkeys(EVADING, 0.0),
+})
+#: Default probability per emitted event of starting each scenario (like ``fraud_ratio``).
+#: With fraud_ratio 0.02 (0.005 per rule) they give each rule a precision of ~0.67-0.71 and a
+#: recall of ~0.83 (docs/traffic.md has the measured table).
+DEFAULT_SCENARIO_RATES: Final[Mapping[str, float]] = MappingProxyType({
+    LEGIT_TRAVELLER: 0.004,
+    LEGIT_BIG_TICKET: 0.0025,
+    LEGIT_PAYPAL_BUNDLE: 0.004,
+    LEGIT_SHARED_CARD: 0.004,
+    LEGIT_NIGHT_SHIFT: 0.003,
+    **dict.fromkeys(EVADING, 0.001),
+})
+#: The mix switched off: the clean stream, where labels are exact ground truth of the rules.
+NO_SCENARIOS: Final[Mapping[str, float]] = MappingProxyType(dict.fromkeys(SCENARIOS, 0.0))
+#: About how long a scenario holds its user: silence before and after plus its mean span.
+SCENARIO_HOLD_MS: Final = 2 * ISOLATION_MS + 150_000
+#: Night, local standard time (DST ignored): 22:00 to 06:00.
+NIGHT_FROM_HOUR, NIGHT_TO_HOUR = 22, 6
+#: Subscription prices billed together by PayPal (legit_paypal_bundle).
+_SUBSCRIPTION_PRICES: Final = (2.99, 4.99, 5.99, 7.99, 9.99, 11.99, 12.99, 14.99, 17.99, 19.99)
+_CARD: Final = PAYMENT_METHODS[0]
+#: Rent by bank transfer, electronics by card (legit_big_ticket).
+_BIG_TICKET_METHODS: Final = ("bank_transfer", _CARD)
+#: Free users looked at for a night-shift worker whose city is at night (bounded: O(1)).
+_NIGHT_CANDIDATES: Final = 16
+_HOUR_MS: Final = 3_600_000
+
+
+def scenario_rates(hard_negative_scale: float = 1.0, evading_scale: float = 1.0
+                   ) -> dict[str, float]:
+    """The default mix with the hard negatives' and the evading fraud's rates scaled (0: off);
+    what the producer's PRODUCER_HARD_NEGATIVE_SCALE / PRODUCER_EVADING_SCALE select."""
+    return {name: rate * (evading_scale if name in EVADING else hard_negative_scale)
+            for name, rate in DEFAULT_SCENARIO_RATES.items()}
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
 _NEVER: Final = -(10**15)
@@ -180,10 +275,15 @@ def to_ms(moment: datetime) -> int:
     return (moment - _EPOCH) // _ONE_MS
 
 
-def users_needed(rate: float, fraud_ratio: float) -> int:
+def users_needed(rate: float, fraud_ratio: float,
+                 scenarios: Mapping[str, float] = DEFAULT_SCENARIO_RATES) -> int:
     """Users that keep someone free at ``rate`` tx/s: each is busy 21-25 s after a normal
-    transaction, and an episode holds its user for up to ~2 x ISOLATION_MS plus its span."""
-    return math.ceil(rate * (USERS_PER_TX_PER_S + fraud_ratio * (2 * ISOLATION_MS) / 1000))
+    transaction, a fraud episode holds its user for up to ~2 x ISOLATION_MS plus its span, and
+    a scenario of the mix (``scenarios``: its rates, default the default mix) for about
+    SCENARIO_HOLD_MS."""
+    mix = sum(scenarios.values())
+    return math.ceil(rate * (USERS_PER_TX_PER_S + fraud_ratio * (2 * ISOLATION_MS) / 1000
+                             + mix * SCENARIO_HOLD_MS / 1000))
 
 
 class _TimestampFormatter:
@@ -203,7 +303,13 @@ class _TimestampFormatter:
 
 class TransactionGenerator:
     """Deterministic stream of transactions for ``users`` simulated users and ``merchants``
-    merchants, starting a fraud episode with probability ``fraud_ratio`` per emitted event."""
+    merchants, starting a fraud episode with probability ``fraud_ratio`` per emitted event, and
+    each scenario of the mix with its probability in ``scenario_rates`` (name -> rate; names
+    left out keep their ``DEFAULT_SCENARIO_RATES``, 0 disables one, ``NO_SCENARIOS`` them all).
+
+    One draw per emitted event decides: below ``fraud_ratio`` a fraud episode, then each
+    scenario's slice in ``SCENARIOS`` order; should ``fraud_ratio`` plus the rates exceed 1, the
+    scenarios last in that order get less than their rate."""
 
     def __init__(
         self,
@@ -213,16 +319,37 @@ class TransactionGenerator:
         seed: int | None = None,
         *,
         travel_probability: float = _TRAVEL_PROBABILITY,
+        scenario_rates: Mapping[str, float] | None = None,
     ) -> None:
         if users < 1 or merchants < 1:
             raise ValueError("users and merchants must be >= 1")
         if not 0.0 <= fraud_ratio <= 1.0:
             raise ValueError("fraud_ratio must be within [0, 1]")
+        rates = dict(DEFAULT_SCENARIO_RATES)
+        for name, rate in (scenario_rates or {}).items():
+            if name not in rates:
+                raise ValueError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"the rate of scenario {name} must be within [0, 1]")
+            rates[name] = float(rate)
         self.seed: int = seed if seed is not None else random.SystemRandom().getrandbits(63)
         self.fraud_ratio = fraud_ratio
+        self.scenario_rates: Mapping[str, float] = MappingProxyType(rates)
         self.travel_probability = travel_probability
         self.episodes_started: dict[str, int] = dict.fromkeys(RULES, 0)
+        #: Scenario episodes started, by scenario name (evading ones are not in episodes_started).
+        self.scenarios_started: dict[str, int] = dict.fromkeys(SCENARIOS, 0)
         self.initial_users = users
+        # One draw per event: [0, fraud_ratio) fraud, then one slice per enabled scenario.
+        self._scenario_names: list[str] = []
+        self._scenario_bounds: list[float] = []
+        bound = fraud_ratio
+        for name in SCENARIOS:
+            if rates[name] > 0.0:
+                bound += rates[name]
+                self._scenario_names.append(name)
+                self._scenario_bounds.append(bound)
+        self._episode_ratio = min(1.0, bound)
 
         self._rng = random.Random(self.seed)
         self._random = self._rng.random
@@ -233,6 +360,7 @@ class TransactionGenerator:
         self._merchant_ids = [f"m{i:03d}" for i in range(merchants)]
         self._archetypes = [self._payment_archetype() for _ in range(_ARCHETYPES)]
         self._format_ts = _TimestampFormatter()
+        self._city_offset_ms = [CITY_UTC_OFFSET[c] * _HOUR_MS for c in self._city_names]
 
         # Per-user columns (index = user number): id, profile and the mutable bookkeeping,
         # all O(1) per event.
@@ -283,8 +411,14 @@ class TransactionGenerator:
         now_ms = self._tick(now_ms)
         if self._pending and self._pending[0][0] <= now_ms:
             return heapq.heappop(self._pending)[2]
-        if self.fraud_ratio and self._rng.random() < self.fraud_ratio:
-            event = self._start_episode(now_ms, deadline)
+        ratio = self._episode_ratio
+        if ratio and (draw := self._random()) < ratio:
+            if draw < self.fraud_ratio:
+                event = self._start_episode(now_ms, deadline)
+            else:
+                names = self._scenario_names
+                pick = min(bisect_right(self._scenario_bounds, draw), len(names) - 1)
+                event = self._start_scenario(names[pick], now_ms, deadline)
             if event is not None:
                 return event
         return self._normal(now_ms)
@@ -420,7 +554,8 @@ class TransactionGenerator:
     # --- events -------------------------------------------------------------------------------
 
     def _event(self, user: int, ms: int, amount: float, method: str, city: int,
-               pattern: str | None) -> Transaction:
+               pattern: str | None, is_fraud: bool | None = None) -> Transaction:
+        """One event of ``user``; ``is_fraud`` defaults to whether it carries a pattern."""
         profile = self._profile[user]
         merchants = self._merchant_ids
         return {
@@ -433,7 +568,7 @@ class TransactionGenerator:
             "payment_method": method,
             "merchant_id": merchants[int(self._random() * len(merchants))],
             "device_ip": profile[1],
-            "is_fraud": pattern is not None,
+            "is_fraud": pattern is not None if is_fraud is None else is_fraud,
             "fraud_pattern": pattern,
         }
 
@@ -548,14 +683,171 @@ class TransactionGenerator:
                 amount = round(rng.uniform(1.0, PAYPAL_MICRO_AMOUNT - 0.01), 2)
                 events.append(self._event(user, at, amount, PAYPAL, city, pattern))
         self._last_seen[user] = end_ms
+        return self._schedule(times, events, immediate)
+
+    def _schedule(self, times: list[int], events: list[Transaction], immediate: bool
+                  ) -> Transaction | None:
+        """Queue an episode's events; its first one is returned when it is due right now."""
         for at, event in zip(times[immediate:], events[immediate:], strict=True):
             self._seq += 1
             heapq.heappush(self._pending, (at, self._seq, event))
         return events[0] if immediate else None
 
+    # --- the scenario mix -----------------------------------------------------------------------
+
+    def _start_scenario(self, name: str, now_ms: int, deadline: Deadline | None
+                        ) -> Transaction | None:
+        """Plan one episode of scenario ``name`` on an isolated user, as _start_episode does for
+        fraud. Returns its first event when it starts right now; None when it starts later, was
+        refused by ``deadline`` or (night shift) found nobody whose city is at night."""
+        offsets = _scenario_offsets(self._rng, name)
+        if name == LEGIT_NIGHT_SHIFT:
+            candidate, start_ms = self._night_user(now_ms, offsets[-1])
+            if candidate is None:
+                return None
+        else:
+            candidate, start_ms = self._episode_user(now_ms)
+        end_ms = start_ms + offsets[-1]
+        immediate = start_ms == now_ms
+        scheduled = len(self._pending) + len(offsets) - immediate
+        if deadline is not None and max(end_ms, self._latest_pending_ms()) > deadline(scheduled):
+            return None
+        user = self._reserve(candidate, end_ms + ISOLATION_MS)
+        self.scenarios_started[name] += 1
+        times = [start_ms + offset for offset in offsets]
+        events = self._scenario_events(name, user, times)
+        self._last_seen[user] = end_ms
+        return self._schedule(times, events, immediate)
+
+    def _night_user(self, now_ms: int, span_ms: int) -> tuple[int | None, int]:
+        """A free user, among up to _NIGHT_CANDIDATES picked at random, whose current city is
+        at night for the whole episode, and its start (after ISOLATION_MS of silence, as in
+        _episode_user); (None, now_ms) if none of them is. Random, not longest-idle: the
+        longest-idle users are mostly where it is day and would stay at the front."""
+        ready = self._ready
+        if not ready:
+            return None, now_ms
+        rnd = self._random
+        for _ in range(_NIGHT_CANDIDATES):
+            user = ready[int(rnd() * len(ready))]
+            start_ms = max(now_ms, self._last_seen[user] + ISOLATION_MS)
+            offset = self._city_offset_ms[self._city[user]]
+            if _is_night(start_ms + offset) and _is_night(start_ms + span_ms + offset):
+                return user, start_ms
+        return None, now_ms
+
+    def _scenario_events(self, name: str, user: int, times: list[int]) -> list[Transaction]:
+        """The events of one scenario episode at ``times`` (see _scenario_offsets)."""
+        rng = self._rng
+        city = self._city[user]
+        label = EVADING.get(name, name)
+        fraud = name in EVADING
+        events: list[Transaction] = []
+
+        def add(at: int, amount: float, method: str, place: int = city,
+                pattern: str | None = label) -> None:
+            events.append(self._event(user, at, amount, method, place, pattern,
+                                      fraud and pattern is not None))
+
+        if name == LEGIT_TRAVELLER:
+            # Pays at home, then at the airport or online in another city; stays there.
+            away = self._other_city(city)
+            for k, at in enumerate(times):
+                add(at, self._usual_amount(user), self._usual_method(user),
+                    city if k == 0 else away)
+            self._city[user] = away
+        elif name == LEGIT_BIG_TICKET:
+            # Large payments under the limit (the history), then rent or electronics above it.
+            for at in times[:-1]:
+                add(at, round(rng.uniform(800.0, 3_400.0), 2), self._usual_method(user))
+            amount = round(math.exp(rng.uniform(math.log(HIGH_VALUE_AMOUNT), math.log(9_000.0))),
+                           2)
+            add(times[-1], max(amount, HIGH_VALUE_AMOUNT + 0.01), rng.choice(_BIG_TICKET_METHODS))
+        elif name == LEGIT_PAYPAL_BUNDLE:
+            for at in times:
+                add(at, rng.choice(_SUBSCRIPTION_PRICES), PAYPAL)
+        elif name == LEGIT_SHARED_CARD:
+            for at in times:
+                add(at, self._usual_amount(user), _CARD)
+        elif name == LEGIT_NIGHT_SHIFT:
+            for at in times:
+                add(at, self._usual_amount(user), self._usual_method(user))
+        elif name == "evading_high_value":
+            add(times[0], round(rng.uniform(2_000.0, HIGH_VALUE_AMOUNT), 2),
+                self._usual_method(user))
+        elif name == "evading_velocity":
+            for at in times:
+                add(at, round(rng.uniform(1.0, 30.0), 2), _CARD)
+        elif name == "evading_multi_location":
+            # The owner pays at home (not fraud); the clone pays elsewhere > 120 s later.
+            add(times[0], self._usual_amount(user), self._usual_method(user), pattern=None)
+            away = self._other_city(city)
+            for at in times[1:]:
+                add(at, round(rng.uniform(50.0, 800.0), 2), self._usual_method(user), away)
+        elif name == "evading_paypal_micro":
+            for at in times:
+                add(at, round(rng.uniform(1.0, PAYPAL_MICRO_AMOUNT - 0.01), 2), PAYPAL)
+        else:
+            raise ValueError(f"unknown scenario {name!r}")
+        return events
+
     def _latest_pending_ms(self) -> float:
         """Latest scheduled time among pending events (-inf when none)."""
         return max((t for t, _, _ in self._pending), default=-math.inf)
+
+
+def _is_night(local_ms: int) -> bool:
+    hour = local_ms // _HOUR_MS % 24
+    return hour >= NIGHT_FROM_HOUR or hour < NIGHT_TO_HOUR
+
+
+def _gaps(rng: random.Random, count: int, low_ms: int, high_ms: int) -> list[int]:
+    """Offsets of ``count`` events (first 0) with gaps drawn uniformly from [low, high] ms."""
+    offsets, at = [0], 0
+    for _ in range(count - 1):
+        at += rng.randint(low_ms, high_ms)
+        offsets.append(at)
+    return offsets
+
+
+def _scenario_offsets(rng: random.Random, name: str) -> list[int]:
+    """Millisecond offsets (first 0, sorted) of a scenario's events. Under the default rules:
+
+    * legit_traveller: home, then 1-2 payments away 30-210 s later (the second 25-90 s after the
+      first): multi_location trips iff the gap is <= 120 s (1/2); 3 events: never velocity.
+    * legit_big_ticket: 1-2 large payments, then the big one, 40-180 s apart: high_value trips
+      once; gaps >= 21 s: never velocity.
+    * legit_paypal_bundle, legit_shared_card: 2-5 payments; bundle gaps 21-60 s (4 span >= 63 s:
+      never velocity; <= 180 s: paypal_micro iff more than 3), shared card all within 10-60 s
+      (velocity iff more than 3).
+    * legit_night_shift: 2-3 payments 60-180 s apart: nothing.
+    * evading_velocity: 5-9 tries 21-40 s apart (any 4 span >= 63 s), one labelled run.
+    * evading_multi_location: the owner's payment, then 1-2 elsewhere 130-400 s later (the
+      second 20-100 s after the first).
+    * evading_paypal_micro: 4-6 charges 81-120 s apart (any 4 span >= 243 s).
+    """
+    if name == LEGIT_TRAVELLER:
+        away = rng.randint(30_000, 210_000)
+        return [0, away] if rng.random() < 0.5 else [0, away, away + rng.randint(25_000, 90_000)]
+    if name == LEGIT_BIG_TICKET:
+        return _gaps(rng, rng.randint(2, 3), 40_000, 180_000)
+    if name == LEGIT_PAYPAL_BUNDLE:
+        return _gaps(rng, rng.randint(2, 5), NORMAL_MIN_GAP_MS, 60_000)
+    if name == LEGIT_SHARED_CARD:
+        count, span = rng.randint(2, 5), rng.randint(10_000, VELOCITY_WINDOW_MS)
+        return [0, *sorted(rng.randint(0, span) for _ in range(count - 2)), span]
+    if name == LEGIT_NIGHT_SHIFT:
+        return _gaps(rng, rng.randint(2, 3), 60_000, 180_000)
+    if name == "evading_high_value":
+        return [0]
+    if name == "evading_velocity":
+        return _gaps(rng, rng.randint(5, 9), NORMAL_MIN_GAP_MS, 40_000)
+    if name == "evading_multi_location":
+        away = rng.randint(MULTI_LOCATION_WINDOW_MS + 10_000, 400_000)
+        return [0, away] if rng.random() < 0.5 else [0, away, away + rng.randint(20_000, 100_000)]
+    if name == "evading_paypal_micro":
+        return _gaps(rng, rng.randint(4, 6), PAYPAL_MICRO_MIN_GAP_MS, 120_000)
+    raise ValueError(f"unknown scenario {name!r}")
 
 
 def _episode_offsets(rng: random.Random, pattern: str) -> list[int]:

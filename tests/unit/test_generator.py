@@ -1,6 +1,8 @@
 """The generator's ground truth: determinism, schema, and — checked by brute force over every
 span — normal traffic never satisfies a rule while every injected episode satisfies exactly its
-own rule, so precision and recall measured against the labels are meaningful."""
+own rule, so precision and recall measured against the labels are meaningful. The exact checks
+run on the clean stream (``NO_SCENARIOS``); the scenario mix (hard negatives, evading fraud) is
+tested in test_hard_negatives.py."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from producer.generator import (
     CITIES,
     CITY_COUNTRY,
     CURRENCY_BY_COUNTRY,
+    HARD_NEGATIVES,
+    NO_SCENARIOS,
     TransactionGenerator,
     iter_replay,
     to_ms,
@@ -166,8 +170,16 @@ def test_reference_checker_uses_inclusive_any_span_windows() -> None:
 
 @pytest.fixture(scope="module")
 def stream() -> list[Transaction]:
+    """The default generator: fraud episodes and the default scenario mix."""
     return TransactionGenerator(users=5000, fraud_ratio=0.03, seed=11).generate(
         20_000, START, rate=40)
+
+
+@pytest.fixture(scope="module")
+def clean_stream() -> list[Transaction]:
+    """Fraud episodes only: the labels are exact ground truth of the rules."""
+    return TransactionGenerator(users=5000, fraud_ratio=0.03, seed=11,
+                                scenario_rates=NO_SCENARIOS).generate(20_000, START, rate=40)
 
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -206,13 +218,16 @@ def test_every_event_follows_the_contract(stream: list[Transaction]) -> None:
         assert tx["location"] in CITIES
         assert tx["timestamp"] == format_timestamp(parse_timestamp(tx["timestamp"]))
         assert tx["user_id"].startswith("u") and tx["merchant_id"].startswith("m")
-        assert (tx["fraud_pattern"] in RULES) if tx["is_fraud"] else tx["fraud_pattern"] is None
+        if tx["is_fraud"]:
+            assert tx["fraud_pattern"] in RULES
+        else:
+            assert tx["fraud_pattern"] is None or tx["fraud_pattern"] in HARD_NEGATIVES
     json.dumps(stream)  # JSON-ready as is
 
 
 def test_simulated_clock_runs_at_the_nominal_rate(stream: list[Transaction]) -> None:
-    normal = [tx for tx in stream if not tx["is_fraud"]]
-    first, last = parse_timestamp(normal[0]["timestamp"]), parse_timestamp(normal[-1]["timestamp"])
+    normal = [tx for tx in stream if tx["fraud_pattern"] is None]
+    first, last = parse_timestamp(stream[0]["timestamp"]), parse_timestamp(normal[-1]["timestamp"])
     assert first == START
     assert timedelta(seconds=490) < last - first <= timedelta(seconds=500)
 
@@ -227,18 +242,24 @@ def test_users_keep_home_currency_device_and_mostly_their_city(stream: list[Tran
     assert len({tx["user_id"] for tx in stream}) > 3000
 
 
-def test_labels_are_exact_ground_truth(stream: list[Transaction]) -> None:
-    hits = assert_ground_truth(stream)
+def test_labels_are_exact_ground_truth(clean_stream: list[Transaction]) -> None:
+    hits = assert_ground_truth(clean_stream)
     assert all(hits[rule] for rule in RULES), "every rule must be exercised"
 
 
 def test_normal_traffic_alone_never_fires_a_rule(stream: list[Transaction]) -> None:
-    normal = [tx for tx in stream if not tx["is_fraud"]]
+    normal = [tx for tx in stream if tx["fraud_pattern"] is None]
     assert all(not ids for ids in participants(normal).values())
 
 
-def test_episodes_have_the_documented_shapes(stream: list[Transaction]) -> None:
-    found = episodes(stream)
+def test_the_clean_stream_holds_only_normal_traffic_and_fraud_episodes(
+        clean_stream: list[Transaction]) -> None:
+    assert {tx["fraud_pattern"] for tx in clean_stream} == {None, *RULES}
+    assert all(tx["is_fraud"] is (tx["fraud_pattern"] is not None) for tx in clean_stream)
+
+
+def test_episodes_have_the_documented_shapes(clean_stream: list[Transaction]) -> None:
+    found = episodes(clean_stream)
     shapes = Counter(ep[0]["fraud_pattern"] for ep in found)
     assert all(shapes[rule] >= 20 for rule in RULES), shapes
     for ep in found:
@@ -258,7 +279,8 @@ def test_episodes_have_the_documented_shapes(stream: list[Transaction]) -> None:
 
 
 def test_episode_counts_match_the_started_counter() -> None:
-    generator = TransactionGenerator(users=3000, fraud_ratio=0.05, seed=5)
+    generator = TransactionGenerator(users=3000, fraud_ratio=0.05, seed=5,
+                                     scenario_rates=NO_SCENARIOS)
     events = generator.generate(8000, START, rate=20)
     assert Counter(ep[0]["fraud_pattern"] for ep in episodes(events)) == Counter(
         {k: v for k, v in generator.episodes_started.items() if v})
@@ -266,7 +288,8 @@ def test_episode_counts_match_the_started_counter() -> None:
 
 
 def test_too_few_users_for_the_rate_adds_users_instead_of_breaking_the_guarantee() -> None:
-    generator = TransactionGenerator(users=100, fraud_ratio=0.05, seed=2)
+    generator = TransactionGenerator(users=100, fraud_ratio=0.05, seed=2,
+                                     scenario_rates=NO_SCENARIOS)
     events = generator.generate(6000, START, rate=50)
     assert generator.extra_users > 0
     assert len({tx["user_id"] for tx in events}) > 100
@@ -275,7 +298,8 @@ def test_too_few_users_for_the_rate_adds_users_instead_of_breaking_the_guarantee
 
 def test_long_quiet_stream_with_travel_keeps_the_guarantee() -> None:
     # Few users over a long time: each transacts often, some change city between bursts.
-    generator = TransactionGenerator(users=150, fraud_ratio=0.02, seed=8, travel_probability=0.2)
+    generator = TransactionGenerator(users=150, fraud_ratio=0.02, seed=8, travel_probability=0.2,
+                                     scenario_rates=NO_SCENARIOS)
     events = generator.generate(12_000, START, rate=4)
     assert generator.extra_users == 0
     places: dict[str, set[str]] = defaultdict(set)
@@ -291,11 +315,15 @@ def test_users_needed_keeps_the_pool_sufficient() -> None:
     generator = TransactionGenerator(users=users_needed(rate, ratio), fraud_ratio=ratio, seed=6)
     generator.generate(rate * 800, START, rate=rate)
     assert generator.extra_users == 0
-    assert users_needed(100, 0.0) == 2500 and users_needed(100, 0.02) > 2500
+    assert users_needed(100, 0.0, NO_SCENARIOS) == 2500
+    assert users_needed(100, 0.02, NO_SCENARIOS) > 2500
+    assert users_needed(100, 0.02) > users_needed(100, 0.02, NO_SCENARIOS)
+    assert users_needed(100, 0.02) <= 5000, "the default pool covers the default peak rate"
 
 
 def test_wall_clock_stream_at_high_rate_keeps_the_guarantee() -> None:
-    generator = TransactionGenerator(users=500, fraud_ratio=0.05, seed=4)
+    generator = TransactionGenerator(users=500, fraud_ratio=0.05, seed=4,
+                                     scenario_rates=NO_SCENARIOS)
     base = to_ms(START)
     events = [generator.next_at(base + i // 20) for i in range(20_000)]  # 20 000 tx/s
     events += [generator.pop_due(0, force=True) for _ in range(generator.pending)]
@@ -315,7 +343,8 @@ def test_deadline_refuses_episodes_that_could_not_finish() -> None:
 
 
 def test_clock_stepping_back_does_not_break_spacing() -> None:
-    generator = TransactionGenerator(users=30, fraud_ratio=0.0, seed=1)
+    generator = TransactionGenerator(users=30, fraud_ratio=0.0, seed=1,
+                                     scenario_rates=NO_SCENARIOS)
     base = to_ms(START)
     clock = [base + 100 * i - (50_000 if i % 7 == 0 else 0) for i in range(3000)]
     events = [generator.next_at(t) for t in clock]
@@ -382,6 +411,10 @@ def test_arguments_are_validated() -> None:
         TransactionGenerator(users=0)
     with pytest.raises(ValueError):
         TransactionGenerator(fraud_ratio=1.5)
+    with pytest.raises(ValueError, match="unknown scenario"):
+        TransactionGenerator(users=10, scenario_rates={"velocity": 0.1})
+    with pytest.raises(ValueError, match="legit_traveller"):
+        TransactionGenerator(users=10, scenario_rates={"legit_traveller": 1.5})
     with pytest.raises(ValueError):
         TransactionGenerator(users=10).generate(10, START, rate=0)
     with pytest.raises(ValueError):
