@@ -5,8 +5,10 @@ same numbers from the same Parquet history.
 
 Definitions
 -----------
-- Ground truth is the producer's labels in the ``transactions`` dataset: ``fraud_pattern`` names
-  the injected scenario (a rule id) that produced a transaction; ``null`` means normal traffic.
+- Ground truth is the producer's labels in the ``transactions`` dataset: for fraud
+  (``is_fraud`` true) ``fraud_pattern`` names the rule the injected scenario is meant to trip
+  (fraud built to evade that rule included); a legitimate look-alike (``is_fraud`` false, e.g.
+  ``legit_traveller``) and normal traffic (``null``) are not fraud.
 - An alert of rule R is a *true positive* if any of its evidence ``transaction_ids`` is labelled
   ``fraud_pattern == R``. ``precision(R) = true-positive alerts of R / alerts of R``.
 - The *injected episodes* of R: the transactions labelled R, grouped by user and ordered by event
@@ -23,6 +25,10 @@ Definitions
   would make a live pipeline's recall read low for its last few minutes.
 - ``recall(R) = detected episodes / (episodes - pending episodes)``.
 - A ratio with a zero denominator is undefined: NaN, printed as ``n/a``.
+- Which label a rule is judged against: its own rule id by default. A caller may map a rule to
+  another label (``labels``): the backtest judges a rule ``velocity_10m`` of kind ``velocity``
+  against the generator's ``velocity`` scenarios. Two rules may share a label; each splits the
+  labelled transactions into episodes by its own span.
 
 Alerts are deduplicated on ``alert_id`` first (Kafka is at-least-once; Parquet is not, but the
 same function serves both), and transactions on ``transaction_id``.
@@ -34,7 +40,7 @@ import argparse
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -44,6 +50,7 @@ import pyarrow.compute as pc
 
 from fraudstream.datasets import read_dataset
 from fraudstream.logs import setup_logging
+from fraudstream.rules.definition import RuleDefinition
 from fraudstream.rules.kinds import MICROS
 from fraudstream.schemas import ALERTS_DATASET, RULES, TRANSACTIONS_DATASET
 from fraudstream.settings import DetectorSettings, load_settings, run_entry_point
@@ -59,6 +66,7 @@ REPORT_COLUMNS = (
 LABEL_SCHEMA = pa.schema([
     ("transaction_id", pa.string()), ("user_id", pa.string()),
     ("event_time", pa.timestamp("us", tz="UTC")), ("fraud_pattern", pa.string()),
+    ("is_fraud", pa.bool_()),
 ])
 EVIDENCE_SCHEMA = pa.schema([
     ("alert_id", pa.string()), ("rule", pa.string()), ("user_id", pa.string()),
@@ -69,25 +77,38 @@ EVIDENCE_SCHEMA = pa.schema([
 def rule_spans(settings: DetectorSettings) -> dict[str, float]:
     """Span in seconds of each windowed default rule, as the detector is configured (rules
     without a window have no span)."""
-    return {d.rule_id: d.window_us / MICROS for d in settings.default_rules() if d.windowed}
+    return definition_spans(settings.default_rules())
+
+
+def definition_spans(definitions: Iterable[RuleDefinition]) -> dict[str, float]:
+    """Span in seconds of each windowed rule among ``definitions``, by rule id."""
+    return {d.rule_id: d.window_us / MICROS for d in definitions if d.windowed}
 
 
 def quality_report(
     transactions: pd.DataFrame, alerts: pd.DataFrame, spans: Mapping[str, float],
-    as_of: datetime | None = None,
+    as_of: datetime | None = None, *, rules: Sequence[str] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Per-rule precision and recall (see the module docstring for the definitions).
 
     ``transactions`` needs ``transaction_id, user_id, event_time, fraud_pattern`` (unlabelled rows
     may be left out: they never count); ``alerts`` needs ``rule, user_id, transaction_ids`` and
     ``alert_id`` if it may hold duplicates. ``as_of`` is the newest event time processed (default:
-    the newest in ``transactions``; pass it when unlabelled rows were left out). Returns one row
-    per rule (the four contract rules first, then any other rule seen in the data), indexed by
-    ``rule``.
+    the newest in ``transactions``; pass it when unlabelled rows were left out). ``rules`` are
+    the report's rows, in order (default: the four contract rules first, then any other rule
+    seen in the data); ``labels`` maps a rule to the ``fraud_pattern`` it is judged against
+    (default: its own id). Returns one row per rule, indexed by ``rule``.
     """
-    labels = _labels(transactions, spans)
+    labelled = _labelled(transactions)
     alerts = alerts.drop_duplicates("alert_id") if "alert_id" in alerts.columns else alerts
     alerts = alerts.reset_index(drop=True)
+    if rules is None:
+        seen = set(alerts["rule"].dropna()) | set(labelled["fraud_pattern"])
+        rules = [*RULES, *sorted(seen - set(RULES))]
+    rules = list(rules)
+    episode_labels = _episode_labels(
+        labelled, {rule: (labels or {}).get(rule, rule) for rule in rules}, spans)
     evidence = (
         pd.DataFrame({"alert": alerts.index, "rule": alerts["rule"], "user_id": alerts["user_id"],
                       "transaction_id": alerts["transaction_ids"]})
@@ -95,23 +116,20 @@ def quality_report(
         .dropna(subset=["transaction_id"])
     )
     hits = evidence.merge(
-        labels[["transaction_id", "user_id", "fraud_pattern", "episode"]],
-        on="transaction_id", suffixes=("", "_labelled"),
+        episode_labels[["rule", "transaction_id", "user_id", "episode"]],
+        on=["rule", "transaction_id"], suffixes=("", "_labelled"),
     )
-    hits = hits[hits["rule"] == hits["fraud_pattern"]]
     detected = hits[hits["user_id"] == hits["user_id_labelled"]]
 
     if as_of is None and len(transactions):
         as_of = pd.to_datetime(transactions["event_time"], utc=True).max()
-    episodes = labels.groupby("episode").agg(rule=("fraud_pattern", "first"),
-                                             last=("event_time", "max"))
+    episodes = episode_labels.groupby("episode").agg(rule=("rule", "first"),
+                                                     last=("event_time", "max"))
     span = episodes["rule"].map(dict(spans)).astype("float64").fillna(0.0)
     age = ((pd.Timestamp(as_of) - episodes["last"]).dt.total_seconds() if as_of is not None
            else pd.Series(float("inf"), index=episodes.index))
     pending = episodes[(span > 0) & (age <= span) & ~episodes.index.isin(detected["episode"])]
 
-    seen = set(alerts["rule"].dropna()) | set(labels["fraud_pattern"])
-    rules = [*RULES, *sorted(seen - set(RULES))]
     report = pd.DataFrame({
         "alerts": alerts.groupby("rule").size(),
         "true_positive_alerts": hits.groupby("rule")["alert"].nunique(),
@@ -126,18 +144,35 @@ def quality_report(
     return report[list(REPORT_COLUMNS)]
 
 
-def _labels(transactions: pd.DataFrame, spans: Mapping[str, float]) -> pd.DataFrame:
-    """Labelled transactions with an ``episode`` number (unique across rules and users)."""
-    labels = (
-        transactions.loc[transactions["fraud_pattern"].notna(),
-                         ["transaction_id", "user_id", "event_time", "fraud_pattern"]]
+def _labelled(transactions: pd.DataFrame) -> pd.DataFrame:
+    """The transactions labelled as fraud, each once, event time as UTC timestamps. A
+    legitimate look-alike (``is_fraud`` false, ``fraud_pattern`` naming its scenario) is not
+    fraud of any rule: it only ever makes a false positive."""
+    fraud = transactions["fraud_pattern"].notna()
+    if "is_fraud" in transactions.columns:
+        fraud &= transactions["is_fraud"].ne(False)  # rows without the label still count
+    labelled = (
+        transactions.loc[fraud, ["transaction_id", "user_id", "event_time", "fraud_pattern"]]
         .drop_duplicates("transaction_id")
-        .sort_values(["fraud_pattern", "user_id", "event_time", "transaction_id"])
         .reset_index(drop=True)
     )
-    labels["event_time"] = pd.to_datetime(labels["event_time"], utc=True)
-    gap = labels.groupby(["fraud_pattern", "user_id"])["event_time"].diff().dt.total_seconds()
-    span = labels["fraud_pattern"].map(dict(spans)).astype("float64").fillna(0.0)
+    labelled["event_time"] = pd.to_datetime(labelled["event_time"], utc=True)
+    return labelled
+
+
+def _episode_labels(labelled: pd.DataFrame, label_of: Mapping[str, str],
+                    spans: Mapping[str, float]) -> pd.DataFrame:
+    """For each rule, the transactions labelled with its label, with an ``episode`` number
+    (unique across rules and users): split per user where the gap exceeds the rule's span."""
+    judged = pd.DataFrame({"rule": list(label_of), "fraud_pattern": list(label_of.values())},
+                          dtype="object")
+    labels = (
+        judged.merge(labelled, on="fraud_pattern")
+        .sort_values(["rule", "user_id", "event_time", "transaction_id"])
+        .reset_index(drop=True)
+    )
+    gap = labels.groupby(["rule", "user_id"])["event_time"].diff().dt.total_seconds()
+    span = labels["rule"].map(dict(spans)).astype("float64").fillna(0.0)
     # Without a span, every labelled transaction is an episode of its own.
     starts = gap.isna() | (gap > span) | (span <= 0)
     labels["episode"] = starts.cumsum()

@@ -74,6 +74,20 @@ def test_alert_is_true_positive_only_if_evidence_is_labelled_with_its_rule() -> 
     assert report.loc[HIGH_VALUE, "precision"] == 0.0
 
 
+def test_a_legitimate_look_alike_is_a_false_positive_and_never_a_row() -> None:
+    traveller = [{**tx("t1", "u1", 0, "legit_traveller"), "is_fraud": False},
+                 {**tx("t2", "u1", 30, "legit_traveller"), "is_fraud": False}]
+    fraud = [{**tx("m1", "u2", 0, MULTI_LOCATION), "is_fraud": True},
+             {**tx("m2", "u2", 20, MULTI_LOCATION), "is_fraud": True}]
+    alerts = [alert(MULTI_LOCATION, "u1", ["t1", "t2"]), alert(MULTI_LOCATION, "u2", ["m1", "m2"])]
+    report = quality_report(*frames(traveller + fraud, alerts), SPANS,
+                            as_of=T0 + timedelta(hours=1))
+    assert "legit_traveller" not in report.index
+    assert report.loc[MULTI_LOCATION, "precision"] == 0.5
+    assert report.loc[MULTI_LOCATION, "episodes"] == 1
+    assert report.loc[MULTI_LOCATION, "recall"] == 1.0
+
+
 def test_duplicate_alerts_count_once() -> None:
     txs = [tx("v1", "u1", 0, VELOCITY)]
     same = alert(VELOCITY, "u1", ["v1"])
