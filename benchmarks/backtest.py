@@ -174,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "alerts": (backtest_report or {}).get("alerts"),
             "alerts_by_rule": {row["rule"]: row["alerts"]
                                for row in (backtest_report or {}).get("rules", [])},
+            "quality_by_rule": {row["rule"]: {k: row.get(k) for k in ("precision", "recall")}
+                                for row in (backtest_report or {}).get("rules", [])},
             "oracle": comparison,
             "generate_seconds": round(generate_seconds, 2),
             "bronze_write_seconds": round(bronze_seconds, 2), "bronze_files": files,

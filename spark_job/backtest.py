@@ -91,7 +91,7 @@ _TS: Final = pa.timestamp("us", tz="UTC")
 HISTORY_SCHEMA: Final = pa.schema([
     ("transaction_id", pa.string()), ("user_id", pa.string()), ("amount", pa.float64()),
     ("event_time", _TS), ("location", pa.string()), ("payment_method", pa.string()),
-    ("kafka_timestamp", _TS), ("fraud_pattern", pa.string()),
+    ("kafka_timestamp", _TS), ("fraud_pattern", pa.string()), ("is_fraud", pa.bool_()),
 ])
 #: The live alerts' columns the comparison needs.
 LIVE_SCHEMA: Final = pa.schema([
@@ -589,7 +589,8 @@ def build_report(*, definitions: Sequence[RuleDefinition], history: pa.Table,
         "transaction_id": labelled["transaction_id"].to_pylist(),
         "user_id": labelled["user_id"].to_pylist(),
         "event_time": labelled["event_time"].to_pandas(),
-        "fraud_pattern": labelled["fraud_pattern"].to_pylist()})
+        "fraud_pattern": labelled["fraud_pattern"].to_pylist(),
+        "is_fraud": labelled["is_fraud"].to_pylist()})
     patterns = set(transactions["fraud_pattern"])
     labels = {r: label_of(r, known.get(r), patterns) for r in rule_ids}
     spans = definition_spans(known.values())
