@@ -90,6 +90,8 @@ OPT_MIN_PARTITIONS: Final = "minPartitions"
 OPT_DECODER: Final = "decoder"
 #: Options starting with this prefix go to the decoder factory without it.
 DECODER_OPTION_PREFIX: Final = "decoder."
+#: A task without progress for this long checks whether the broker still holds its range.
+LOSS_CHECK_SECONDS: Final = 5.0
 #: A task waits this long without progress for promised offsets before failing.
 OPT_READ_TIMEOUT: Final = "readTimeoutSeconds"
 #: Whether latestOffset reads past the reported high watermark (needed for Tansu).
@@ -674,7 +676,19 @@ def _read_assigned(
         now = time.monotonic()
         if next_offset > before:
             last_progress = now
-        elif now - last_progress > options.read_timeout:
+        elif now - last_progress > LOSS_CHECK_SECONDS:
+            # Tansu answers a fetch beyond the end with no records and no error, but the
+            # response carries the partition's exact end: an end below what this range still
+            # has to read means the records are gone (a memory-only broker restarted, the topic
+            # recreated), and waiting out read_timeout would only delay the same failure.
+            _, high = consumer.get_watermark_offsets(
+                TopicPartition(part.topic, part.partition), cached=True)
+            if 0 <= high < next_offset:
+                raise KafkaSourceError(
+                    f"topic {part.topic!r} partition {part.partition}: the broker's end offset "
+                    f"{high} is below offset {next_offset} planned to be read: records were "
+                    "lost (broker restarted with memory storage, topic recreated, or truncated)")
+        if next_offset == before and now - last_progress > options.read_timeout:
             raise KafkaSourceError(
                 f"topic {part.topic!r} partition {part.partition}: offsets [{part.start}, {end}) "
                 f"were planned but reading stopped at {next_offset} with no progress for "
