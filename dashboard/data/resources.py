@@ -8,7 +8,7 @@ Everything returned here is shared between sessions: pages read it, never mutate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -25,9 +25,15 @@ from dashboard.data.verdicts import VerdictDesk, VerdictsSnapshot
 from dashboard.data.verdicts import analyst_precision as _analyst_precision
 from dashboard.data.views import count_by_rule, merge_alerts
 from fraudstream.datasets import ALERTS_SCHEMA
-from fraudstream.schemas import ALERTS_DATASET, DLQ_DATASET, TRANSACTIONS_DATASET, utc_now
+from fraudstream.schemas import (
+    ALERTS_DATASET,
+    DLQ_DATASET,
+    RULES,
+    TRANSACTIONS_DATASET,
+    utc_now,
+)
 from fraudstream.settings import DashboardSettings
-from spark_job.quality import quality_report
+from spark_job.quality import REPORT_COLUMNS, quality_report
 
 _CONTEXT_KEY = "fraudstream.dashboard.context"
 #: Session-state key of the analyst's name (the sidebar input); recorded on every rule change
@@ -162,6 +168,74 @@ def quality(context: DashboardContext) -> pd.DataFrame:
     txs, txs_version = transactions(context)
     return _quality(str(context.settings.parquet_dir), alerts_version, txs_version,
                     tuple(sorted(context.spans.items())), alerts, txs)
+
+
+#: Bucket widths of quality over time, the first giving at most QUALITY_MAX_BUCKETS buckets.
+QUALITY_BUCKETS = ("1h", "6h", "1D", "7D")
+QUALITY_MAX_BUCKETS = 48
+
+
+def quality_bucket(first: pd.Timestamp, last: pd.Timestamp,
+                   widths: Sequence[str] = QUALITY_BUCKETS,
+                   max_buckets: int = QUALITY_MAX_BUCKETS) -> str:
+    """The narrowest width that cuts ``first`` .. ``last`` into at most ``max_buckets``."""
+    for width in widths:
+        step = pd.Timedelta(width)
+        if (last.floor(step) - first.floor(step)) / step + 1 <= max_buckets:
+            return width
+    return widths[-1]
+
+
+def quality_over_time_frame(transactions: pa.Table, alerts: pa.Table,
+                            spans: Mapping[str, float], width: str | None = None
+                            ) -> pd.DataFrame:
+    """``quality_report`` per bucket of event time (default width: ``quality_bucket``): one row
+    per bucket and rule (``bucket`` and the report's columns). A bucket is judged on its own:
+    the labelled transactions whose event time falls in it, the alerts whose window ends in it
+    (the event time of the transaction that fired them), and as newest event the bucket's end
+    (the history's newest event for the last bucket), so an episode crossing a bucket boundary
+    counts in each bucket it touches. Every rule of the whole history has a row in every
+    bucket; a ratio with nothing to divide is NaN."""
+    columns = ["bucket", "rule", *REPORT_COLUMNS]
+    if not transactions.num_rows:
+        return pd.DataFrame(columns=columns)
+    times = pc.min_max(transactions["event_time"]).as_py()
+    first, newest = pd.Timestamp(times["min"]), pd.Timestamp(times["max"])
+    step = pd.Timedelta(width or quality_bucket(first, newest))
+    fraud = pc.is_valid(transactions["fraud_pattern"])
+    labelled = transactions.filter(fraud).to_pandas()
+    labelled["event_time"] = pd.to_datetime(labelled["event_time"], utc=True)
+    evidence = alerts.select(["alert_id", "rule", "user_id", "transaction_ids",
+                              "window_end"]).to_pandas()
+    evidence["window_end"] = pd.to_datetime(evidence["window_end"], utc=True)
+    seen = set(evidence["rule"].dropna()) | set(labelled["fraud_pattern"].dropna())
+    rules = [*RULES, *sorted(seen - set(RULES))]
+    frames = []
+    start = first.floor(step)
+    while start <= newest:
+        end = start + step
+        txs = labelled[(labelled["event_time"] >= start) & (labelled["event_time"] < end)]
+        fired = evidence[(evidence["window_end"] >= start) & (evidence["window_end"] < end)]
+        report = quality_report(txs, fired, spans, as_of=min(end, newest), rules=rules)
+        frames.append(report.reset_index().assign(bucket=start))
+        start = end
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _quality_over_time(root: str, alerts_version: int, transactions_version: int,
+                       spans: tuple[tuple[str, float], ...], _alerts: pa.Table,
+                       _transactions: pa.Table) -> pd.DataFrame:
+    return quality_over_time_frame(_transactions, _alerts, dict(spans))
+
+
+def quality_over_time(context: DashboardContext) -> pd.DataFrame:
+    """The detection-quality report per bucket of event time (``quality_over_time_frame``),
+    recomputed only when the Parquet history changed."""
+    alerts, alerts_version = alert_history(context)
+    txs, txs_version = transactions(context)
+    return _quality_over_time(str(context.settings.parquet_dir), alerts_version, txs_version,
+                              tuple(sorted(context.spans.items())), alerts, txs)
 
 
 # --- verdicts -----------------------------------------------------------------------------------

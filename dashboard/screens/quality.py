@@ -1,10 +1,12 @@
 """Detection quality: precision and recall per rule against the producer's labels, over the
 Parquet history (the numbers ``python -m spark_job.quality`` prints), and beside them the
 analysts' precision from their verdicts: labels exist only for generated traffic, verdicts for
-real traffic too."""
+real traffic too. Below, the same label-based figures per bucket of event time (one line chart
+per rule), to see a rule drift or a change take effect."""
 
 from __future__ import annotations
 
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
@@ -71,6 +73,62 @@ else:
                                              hex_colour("paypal_micro")])
     figure.update_yaxes(tickformat=".0%")
     chart(figure)
+
+
+
+def width_text(width: pd.Timedelta) -> str:
+    hours = width / pd.Timedelta("1h")
+    return f"{hours / 24:g} d" if hours >= 24 else f"{hours:g} h"
+
+
+def over_time_figure(over_time: pd.DataFrame) -> object | None:
+    """Precision and recall per bucket, one small line chart per rule (None if no rule has a
+    defined ratio in any bucket)."""
+    long = over_time.melt(id_vars=["bucket", "rule"], value_vars=["precision", "recall"],
+                          var_name="measure", value_name="value").dropna(subset=["value"])
+    if long.empty:
+        return None
+    rules = [rule for rule in dict.fromkeys(over_time["rule"]) if rule in set(long["rule"])]
+    long["rule"] = plot_text(long["rule"])
+    figure = px.line(long, x="bucket", y="value", color="measure", markers=True,
+                     facet_col="rule", facet_col_wrap=2, range_y=[0, 1.05],
+                     category_orders={"rule": plot_text(pd.Series(rules)).tolist()},
+                     labels={"value": "", "bucket": "event time (UTC)"},
+                     title="Precision and recall over time (labels), per rule",
+                     color_discrete_sequence=[hex_colour("velocity"),
+                                              hex_colour("multi_location")])
+    figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    figure.update_yaxes(tickformat=".0%")
+    rows = (len(rules) + 1) // 2
+    figure.update_layout(height=220 * rows + 80, legend_title_text="",
+                         margin={"l": 10, "r": 10, "t": 60, "b": 10})
+    return figure
+
+
+st.subheader("Over time")
+over_time = resources.quality_over_time(context)
+if over_time.empty:
+    st.info("No transactions in the Parquet history yet.")
+else:
+    width = over_time["bucket"].drop_duplicates().sort_values().diff().min()
+    label = "one bucket so far" if pd.isna(width) else f"buckets of {width_text(width)}"
+    st.caption(
+        f"The same figures per bucket of event time ({label}; an hour unless the history is "
+        "too long for that). Each bucket is judged on its own: its labelled transactions, and "
+        "the alerts whose window ends in it; an episode that crosses a bucket boundary counts "
+        "in both buckets. A gap in a line: nothing to divide by in that bucket.")
+    figure = over_time_figure(over_time)
+    if figure is None:
+        st.info("No alerts and no labelled transactions in the Parquet history yet.")
+    else:
+        chart(figure)
+    with st.expander("Figures per bucket", key="quality.over_time.figures"):
+        table = over_time.copy()
+        for column in ("precision", "recall"):
+            table[column] = table[column].map(format_ratio)
+        st.dataframe(table, hide_index=True, key="quality.over_time", column_config={
+            "bucket": st.column_config.DatetimeColumn("bucket start", format="iso8601"),
+        })
 
 spans = ", ".join(f"{rule} {seconds:g} s" for rule, seconds in sorted(context.spans.items()))
 st.text(f"Episode spans: {spans}. Same numbers from the command line:")

@@ -321,6 +321,74 @@ def test_every_page_renders_with_no_data_at_all(monkeypatch: pytest.MonkeyPatch,
     assert list(app.dataframe[0].value["analyst_precision"]) == ["n/a"] * 4
 
 
+def plotted(values: Any) -> list[Any]:
+    """A trace's values from a plotly spec (plotly encodes numeric arrays as base64)."""
+    if isinstance(values, dict) and "bdata" in values:
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"]).tolist()
+    return list(values)
+
+
+def test_quality_page_shows_precision_and_recall_per_hour(
+        app_env: Callable[[str], AppTest], broker: EmbeddedBroker, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three hours of event time: a caught burst; a missed burst and a false alarm; a caught
+    burst and a false alarm. Each hour is judged on its own."""
+    hour = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+    def at(tid: str, user: str, moment: datetime, pattern: str | None = None
+           ) -> dict[str, Any]:
+        return transaction(tid, user, (NOW - moment).total_seconds(), 20.0, "Lyon", pattern)
+
+    def burst(stem: str, user: str, first: datetime, pattern: str | None = VELOCITY
+              ) -> list[dict[str, Any]]:
+        return [at(f"{stem}{i}", user, first + timedelta(seconds=10 * i), pattern)
+                for i in range(4)]
+
+    caught = burst("a", "u-a", hour + timedelta(minutes=5))
+    missed = burst("b", "u-b", hour + timedelta(hours=1, minutes=10))
+    normal = burst("c", "u-c", hour + timedelta(hours=1, minutes=20), None)
+    late_caught = burst("d", "u-d", hour + timedelta(hours=2, minutes=5))
+    late_normal = burst("e", "u-e", hour + timedelta(hours=2, minutes=15), None)
+    newest = at("z", "u-z", hour + timedelta(hours=2, minutes=50))
+    txs = [*caught, *missed, *normal, *late_caught, *late_normal, newest]
+    alerts = [make_alert(VELOCITY, evidence, 0)
+              for evidence in (caught, normal, late_caught, late_normal)]
+    write_batch(tmp_path, TRANSACTIONS_DATASET, 0, txs, TRANSACTIONS_SCHEMA)
+    write_batch(tmp_path, ALERTS_DATASET, 0, alerts, ALERTS_SCHEMA)
+
+    app = app_env(broker.bootstrap_servers)
+    monkeypatch.setenv("PARQUET_DIR", str(tmp_path))
+    app.run()
+    app.switch_page("screens/quality.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    over_time = frame_with(app, "bucket", "rule", "recall")
+    velocity = over_time[over_time["rule"] == VELOCITY].set_index("bucket")
+    assert list(velocity.index) == [hour, hour + timedelta(hours=1), hour + timedelta(hours=2)]
+    assert velocity["alerts"].tolist() == [1, 1, 2]
+    assert velocity["precision"].tolist() == ["100.0%", "0.0%", "50.0%"]
+    assert velocity["recall"].tolist() == ["100.0%", "0.0%", "100.0%"]
+    high = over_time[over_time["rule"] == HIGH_VALUE]
+    assert len(high) == 3 and set(high["precision"]) == {"n/a"}
+    # The whole-history table beside it is unchanged: 2 of 4 alerts real, 2 of 3 bursts caught.
+    overall = frame_with(app, "rule", "analyst_precision").set_index("rule")
+    assert overall.loc[VELOCITY, ["precision", "recall"]].tolist() == ["50.0%", "66.7%"]
+
+    # The chart: one panel per rule with a defined ratio, a precision and a recall line.
+    figures = [json.loads(c.proto.spec) for c in app.get("plotly_chart")]
+    figure = next(f for f in figures
+                  if f["layout"]["title"]["text"].startswith("Precision and recall over time"))
+    lines = {trace["name"]: trace for trace in figure["data"]}
+    assert set(lines) == {"precision", "recall"}
+    assert plotted(lines["precision"]["y"]) == [1.0, 0.0, 0.5]
+    assert plotted(lines["recall"]["y"]) == [1.0, 0.0, 1.0]
+    panels = [a["text"] for a in figure["layout"]["annotations"]]
+    assert panels == [VELOCITY]
+
+
 # --- verdicts: review queue, live table and detail, quality -----------------------------------
 
 ANALYST_ENV = "FRAUDSTREAM_ANALYST"
@@ -549,11 +617,11 @@ def rules_topic(unique_topics: dict[str, str]) -> RulesTopic:
 def rules_page(monkeypatch: pytest.MonkeyPatch, unique_topics: dict[str, str],
                rules_topic: RulesTopic, tmp_path: Path) -> Callable[..., RulesPage]:
     """Opens the Rules page on this test's topics, with a Parquet folder of its own for the
-    detector's log of rule changes (``rule_changes/``)."""
-    def open_page(analyst: str | None = ANALYST) -> RulesPage:
+    detector's log of rule changes (``rule_changes/``), or ``parquet_dir``."""
+    def open_page(analyst: str | None = ANALYST, parquet_dir: Path | None = None) -> RulesPage:
         for name, value in unique_topics.items():
             monkeypatch.setenv(name, value)
-        monkeypatch.setenv("PARQUET_DIR", str(tmp_path))
+        monkeypatch.setenv("PARQUET_DIR", str(parquet_dir or tmp_path))
         monkeypatch.delenv("RETENTION_SECONDS", raising=False)
         monkeypatch.delenv("FRAUDSTREAM_DASHBOARD_ARGS", raising=False)
         if analyst is None:
@@ -706,6 +774,180 @@ def test_publishing_needs_an_analyst_name(rules_page: Callable[..., RulesPage]) 
     page.run()
     assert any("Published paypal_micro version 2 (disabled)" in s.value for s in app.success)
     assert page.state()[PAYPAL_MICRO].updated_by == "Grace"
+
+
+# --- backtesting from the rules page --------------------------------------------------------------
+
+BACKTEST_EPOCH = "20261122T100000Z-aaaaaa"
+#: The candidate: velocity counts more than 5 transactions in 60 s instead of more than 3.
+VELOCITY_5 = {"count": 5, "window_seconds": 60.0}
+
+
+def write_epoch(root: Path, dataset: str, rows: list[dict[str, Any]], schema: pa.Schema
+                ) -> None:
+    """One batch of an epoch, as the detector lays out bronze and alerts."""
+    folder = root / dataset / f"epoch={BACKTEST_EPOCH}" / "batch_id=0"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "part-0.parquet")
+
+
+def oracle_alerts(txs: list[dict[str, Any]], definitions: list[RuleDefinition]
+                  ) -> list[dict[str, Any]]:
+    """The alerts the rules must raise (the plain-Python oracle), as alert rows."""
+    from fraudstream.rules.oracle import expected_alerts
+
+    by_id = {t["transaction_id"]: t for t in txs}
+    rows = []
+    for alert in expected_alerts([{**t, "timestamp": t["event_time"]} for t in txs],
+                                 definitions):
+        evidence = [by_id[i] for i in alert["transaction_ids"]]
+        rows.append({**make_alert(alert["rule"], evidence, 0, alert["rule_version"]),
+                     "detected_at": evidence[-1]["event_time"] + timedelta(seconds=1)})
+        assert rows[-1]["alert_id"] == alert["alert_id"]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def backtest_history(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Bronze transactions of the last hours and the alerts the live detector raised on them
+    under the default rules; and what the oracle says velocity with count 5 raises instead."""
+    root = tmp_path_factory.mktemp("backtest-parquet")
+    start = 7200.0  # two hours before NOW
+    txs = [
+        # Four transactions in 30 s: velocity (more than 3 in 60 s) fires; count 5 does not.
+        *[transaction(f"ba{i}", "u-four", start - i * 10, 15.0 + i, "Lyon", VELOCITY)
+          for i in range(4)],
+        # Seven in 45 s: both fire, on different evidence (removed and added).
+        *[transaction(f"bb{i}", "u-seven", start - 1800 - i * 7.5, 12.0 + i, "Nice", VELOCITY)
+          for i in range(7)],
+        # A big purchase: high_value fires under both rule sets (unchanged).
+        transaction("bh1", "u-big", start - 3600, 4200.0, "Paris", HIGH_VALUE),
+        # Normal traffic, the newest transaction of the history.
+        *[transaction(f"bn{i}", "u-calm", start - 4200 - i * 400, 40.0, "Rome")
+          for i in range(3)],
+    ]
+    defaults = default_definitions()
+    live = oracle_alerts(txs, defaults)
+    candidate = [d.changed(version=2, updated_by="test", params=VELOCITY_5)
+                 if d.rule_id == VELOCITY else d for d in defaults]
+    backtested = oracle_alerts(txs, candidate)
+    write_epoch(root, TRANSACTIONS_DATASET, txs, TRANSACTIONS_SCHEMA)
+    write_epoch(root, ALERTS_DATASET, live, ALERTS_SCHEMA)
+
+    def ids(alerts: list[dict[str, Any]], rule: str) -> set[str]:
+        return {a["alert_id"] for a in alerts if a["rule"] == rule}
+
+    added = ids(backtested, VELOCITY) - ids(live, VELOCITY)
+    removed = ids(live, VELOCITY) - ids(backtested, VELOCITY)
+    assert added and removed, "the history should show both kinds of change"
+    return {"root": root, "transactions": txs, "live": live, "backtested": backtested,
+            "ids": ids, "added": added, "removed": removed}
+
+
+def backtest_running(app: AppTest) -> bool:
+    return any("Backtesting" in i.value for i in app.info)
+
+
+def wait_for_backtest(page: RulesPage, timeout: float = 420.0) -> None:
+    """Rerun the page until the backtest subprocess ended (it starts a Spark session)."""
+    run_until(page.app, lambda a: not backtest_running(a), timeout=timeout)
+    assert not backtest_running(page.app), "the backtest did not finish in time"
+
+
+def test_backtest_a_velocity_change_then_publish_it(
+        rules_page: Callable[..., RulesPage], backtest_history: dict[str, Any]) -> None:
+    history = backtest_history
+    page = rules_page(parquet_dir=history["root"])
+    app = page.app
+    assert app.number_input(key="rules.backtest.hours.velocity").value == 24
+    app.number_input(key="rules.edit.velocity.1.count").set_value(5)
+    app.button(key="rules.backtest.start.velocity").click()
+    page.run()
+    assert backtest_running(app), [m.value for m in (*app.info, *app.error)]
+    assert any("version 2" in i.value for i in app.info)
+    assert page.state()[VELOCITY].version == 1, "a backtest publishes nothing"
+    wait_for_backtest(page)
+    assert not app.error, [(e.value, [t.value for t in app.text]) for e in app.error]
+    assert any("Backtest of" in s.value and "velocity v2" in s.value for s in app.success), \
+        [s.value for s in app.success]
+
+    # Per rule: the backtest's alerts and the difference with the live alerts (the oracle's).
+    ids, live, backtested = history["ids"], history["live"], history["backtested"]
+    table = page.frame("live_alerts").set_index("rule")
+    for rule in (VELOCITY, HIGH_VALUE, MULTI_LOCATION, PAYPAL_MICRO):
+        assert table.loc[rule, ["alerts", "live_alerts", "added", "removed"]].tolist() == [
+            len(ids(backtested, rule)), len(ids(live, rule)),
+            len(ids(backtested, rule) - ids(live, rule)),
+            len(ids(live, rule) - ids(backtested, rule))], rule
+    assert table.loc[VELOCITY, "version"] == "v2" and table.loc[HIGH_VALUE, "version"] == "v1"
+    assert table.loc[VELOCITY, "precision"] == "100.0%"  # every burst is labelled
+    assert table.loc[HIGH_VALUE, ["added", "removed"]].tolist() == [0, 0]
+    metrics = metric_values(app)
+    assert (metrics["Added"], metrics["Removed"]) == \
+        (f"+{len(history['added'])}", f"-{len(history['removed'])}")
+
+    # The added and removed alerts themselves, and the evidence of one.
+    changes = page.frame("change")
+    assert set(changes.loc[changes["change"] == "added", "alert_id"]) == history["added"]
+    assert set(changes.loc[changes["change"] == "removed", "alert_id"]) == history["removed"]
+    picker = next(s for s in app.selectbox if s.label == "Evidence of")
+    picker.set_value(0).run()
+    assert not app.exception
+    shown = json.loads(app.json[0].value)
+    expected = next(a for a in [*backtested, *live] if a["alert_id"] == shown["alert_id"])
+    assert (shown["rule"], shown["user_id"]) == (VELOCITY, expected["user_id"])
+    found = frame_with(app, "transaction_id", "payment_method")
+    assert list(found["transaction_id"]) == expected["transaction_ids"]
+    assert any(t.value.startswith(f"Evidence: {len(expected['transaction_ids'])} of") for t in
+               app.text)
+
+    # Publish the backtested definition: the same path as the form, version 2 on the topic.
+    app.button(key="rules.backtest.publish").click()
+    page.run()
+    assert any("Published velocity version 2" in s.value for s in app.success), \
+        [m.value for m in (*app.success, *app.error)]
+    published = page.state()[VELOCITY]
+    assert (published.version, published.updated_by) == (2, ANALYST)
+    assert dict(published.params) == VELOCITY_5
+    assert page.table().loc[VELOCITY, "version"] == 2
+    assert not any(b.key == "rules.backtest.publish" for b in app.button), "results are gone"
+
+
+def test_a_backtest_that_fails_shows_its_message(rules_page: Callable[..., RulesPage],
+                                                 tmp_path: Path) -> None:
+    page = rules_page(parquet_dir=tmp_path / "empty")
+    page.app.selectbox(key="rules.add.kind").set_value(VELOCITY)
+    page.run()
+    page.app.text_input(key="rules.add.rule_id").set_value("velocity_10m")
+    page.app.number_input(key="rules.add.velocity.window_seconds").set_value(600.0)
+    page.app.button(key="rules.backtest.start.add").click()
+    page.run()
+    wait_for_backtest(page, timeout=120.0)
+    assert any(e.value.startswith("Backtest failed") for e in page.app.error)
+    texts = [t.value for t in page.app.text]
+    assert any("no transaction history under" in t and "exit status 2" in t for t in texts), texts
+    assert not any("Traceback" in t for t in texts)
+    assert "velocity_10m" not in page.state(), "nothing published"
+    page.app.button(key="rules.backtest.dismiss").click()
+    page.run()
+    assert not any(e.value.startswith("Backtest failed") for e in page.app.error)
+
+
+def test_a_running_backtest_can_be_cancelled(rules_page: Callable[..., RulesPage],
+                                             backtest_history: dict[str, Any]) -> None:
+    page = rules_page(parquet_dir=backtest_history["root"])
+    page.app.button(key="rules.backtest.start.high_value").click()
+    page.run()
+    assert backtest_running(page.app)
+    run = page.app.session_state["rules.backtest"]
+    page.app.button(key="rules.backtest.cancel").click()
+    page.run()
+    assert run.process.poll() is not None, "the subprocess was stopped"
+    assert any("Backtest cancelled" in i.value for i in page.app.info)
+    assert page.state()[HIGH_VALUE].version == 1
+    page.app.button(key="rules.backtest.dismiss").click()
+    page.run()
+    assert not run.folder.exists(), "its files are removed"
 
 
 # --- views, readers and launcher ------------------------------------------------------------
