@@ -648,15 +648,13 @@ class TransactionGenerator:
         pattern = RULES[int(self._random() * len(RULES))]
         offsets = _episode_offsets(rng, pattern)
         candidate, start_ms = self._episode_user(now_ms)
-        end_ms = start_ms + offsets[-1]
-        immediate = start_ms == now_ms
-        scheduled = len(self._pending) + len(offsets) - immediate
-        if deadline is not None and max(end_ms, self._latest_pending_ms()) > deadline(scheduled):
+        placed = self._place(candidate, now_ms, start_ms, offsets, deadline)
+        if placed is None:
             return None
-        user = self._reserve(candidate, end_ms + ISOLATION_MS)
+        user, times, immediate = placed
         self.episodes_started[pattern] += 1
+        end_ms = times[-1]
         city = self._city[user]
-        times = [start_ms + offset for offset in offsets]
         events: list[Transaction] = []
         if pattern == HIGH_VALUE:
             amount = round(rng.uniform(HIGH_VALUE_AMOUNT + 0.01, 12_000.0), 2)
@@ -685,6 +683,18 @@ class TransactionGenerator:
         self._last_seen[user] = end_ms
         return self._schedule(times, events, immediate)
 
+    def _place(self, candidate: int, now_ms: int, start_ms: int, offsets: list[int],
+               deadline: Deadline | None) -> tuple[int, list[int], bool] | None:
+        """Reserve ``candidate`` for an episode of ``offsets`` from ``start_ms``: (user, event
+        times, whether the first event is due now), or None when ``deadline`` refuses it."""
+        end_ms = start_ms + offsets[-1]
+        immediate = start_ms == now_ms
+        scheduled = len(self._pending) + len(offsets) - immediate
+        if deadline is not None and max(end_ms, self._latest_pending_ms()) > deadline(scheduled):
+            return None
+        user = self._reserve(candidate, end_ms + ISOLATION_MS)
+        return user, [start_ms + offset for offset in offsets], immediate
+
     def _schedule(self, times: list[int], events: list[Transaction], immediate: bool
                   ) -> Transaction | None:
         """Queue an episode's events; its first one is returned when it is due right now."""
@@ -707,16 +717,13 @@ class TransactionGenerator:
                 return None
         else:
             candidate, start_ms = self._episode_user(now_ms)
-        end_ms = start_ms + offsets[-1]
-        immediate = start_ms == now_ms
-        scheduled = len(self._pending) + len(offsets) - immediate
-        if deadline is not None and max(end_ms, self._latest_pending_ms()) > deadline(scheduled):
+        placed = self._place(candidate, now_ms, start_ms, offsets, deadline)
+        if placed is None:
             return None
-        user = self._reserve(candidate, end_ms + ISOLATION_MS)
+        user, times, immediate = placed
         self.scenarios_started[name] += 1
-        times = [start_ms + offset for offset in offsets]
         events = self._scenario_events(name, user, times)
-        self._last_seen[user] = end_ms
+        self._last_seen[user] = times[-1]
         return self._schedule(times, events, immediate)
 
     def _night_user(self, now_ms: int, span_ms: int) -> tuple[int | None, int]:

@@ -61,7 +61,7 @@ DETECTOR_TIMEOUT = 600.0
 
 # The seeded stream: 3000 transactions at a simulated 10 tx/s (5 minutes of event time ending
 # now), and this seed starts three fraud episodes of each of the four rules.
-SEED = 8
+SEED = 2
 USERS = 500
 FRAUD_RATIO = 0.006
 COUNT = 3000

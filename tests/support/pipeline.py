@@ -182,6 +182,16 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def end_process(process: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if ``process`` outlives ``timeout``; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
 def start_detector(env: Mapping[str, str], log_path: Path, *args: str) -> DetectorRun:
     """Start the detector CLI in a new session (its own process group), output to ``log_path``."""
     log = log_path.open("ab")

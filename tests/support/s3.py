@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fraudstream.broker import free_port
+from support.pipeline import end_process
 
 __all__ = ["S3_ENV", "s3_server"]
 
@@ -58,9 +59,4 @@ def s3_server(log_path: Path, bucket: str = "fraudstream") -> Iterator[dict[str,
                           region=S3_ENV["AWS_DEFAULT_REGION"]).create_dir(bucket)
         yield env
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        end_process(process)
