@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaException
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
@@ -388,6 +389,10 @@ def run(settings: DetectorSettings) -> int:
         return 1
     except BrokerResetError as exc:
         log.error("%s", exc)
+        return 1
+    except KafkaException as exc:  # the epoch check could not read the topics' ids and ends
+        log.error("cannot compare the checkpoint with the broker at %s: %s; check the broker "
+                  "and the topic settings", settings.bootstrap_servers, exc)
         return 1
     return detector.wait()
 
