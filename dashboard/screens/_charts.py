@@ -1,4 +1,5 @@
-"""Drawing shared by the pages: the Kafka banner, KPI rows and plotly figures.
+"""Drawing shared by the pages: the Kafka banner, KPI rows, an alert's evidence table and
+plotly figures.
 
 Data strings never reach a Markdown or HTML renderer: tables go through ``st.dataframe``, free
 text through ``st.text``/``st.code``/``st.json``, and strings placed in plotly labels are
@@ -24,6 +25,7 @@ from dashboard.data.views import (
     alert_locations,
     alerts_over_time,
     amount_distribution,
+    evidence,
     latency_over_time,
     top_users,
 )
@@ -215,3 +217,15 @@ def show_outcome(key: str, place: str) -> None:
         return
     level, text, _ = st.session_state.pop(key)
     getattr(st, level)(text, icon=_MESSAGE_ICONS[level])
+
+
+def evidence_table(transactions: pa.Table, ids: Iterable[str], key: str | None = None) -> None:
+    """An alert's evidence: its transactions as found in the Parquet history."""
+    ids = list(ids)
+    found = evidence(transactions, ids)
+    st.text(f"Evidence: {len(found)} of {len(ids)} transactions found in the Parquet history")
+    st.dataframe(found, hide_index=True, key=key, column_config={
+        "event_time": st.column_config.DatetimeColumn("event time", format="iso8601"),
+        "kafka_timestamp": st.column_config.DatetimeColumn("kafka time", format="iso8601"),
+        "amount": st.column_config.NumberColumn("amount", format="%.2f"),
+    })

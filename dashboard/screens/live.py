@@ -13,13 +13,13 @@ from dashboard.data.views import (
     alert_label,
     alert_record,
     alert_table,
-    evidence,
     filter_alerts,
     kpis,
 )
 from dashboard.screens._charts import (
     alerts_over_time_figure,
     chart,
+    evidence_table,
     kafka_banner,
     kpi_values,
     metric_rows,
@@ -86,15 +86,7 @@ def alert_detail(alert: pd.Series, snapshot: VerdictsSnapshot) -> None:
         st.text("Alert")
         st.json(record)
     with right:
-        txs, _ = resources.transactions(context)
-        found = evidence(txs, ids)
-        st.text(f"Evidence: {len(found)} of {len(ids)} transactions found in the Parquet "
-                "history")
-        st.dataframe(found, hide_index=True, column_config={
-            "event_time": st.column_config.DatetimeColumn("event time", format="iso8601"),
-            "kafka_timestamp": st.column_config.DatetimeColumn("kafka time", format="iso8601"),
-            "amount": st.column_config.NumberColumn("amount", format="%.2f"),
-        })
+        evidence_table(resources.transactions(context)[0], ids)
     verdict_panel(str(record["alert_id"]), snapshot)
 
 

@@ -23,8 +23,8 @@ from dashboard.data.verdicts import (
     queue_table,
     review_queue,
 )
-from dashboard.data.views import alert_label, alert_record, evidence, rule_version
-from dashboard.screens._charts import code_span, kafka_banner
+from dashboard.data.views import alert_label, alert_record, rule_version
+from dashboard.screens._charts import code_span, evidence_table, kafka_banner
 from dashboard.screens._verdicts import (
     analyst_hint,
     read_only_banner,
@@ -116,15 +116,8 @@ def review_panel(alert: pd.Series, snapshot: VerdictsSnapshot, next_id: str | No
     with right:
         ids = alert["transaction_ids"]
         ids = [] if ids is None else list(ids)
-        txs, _ = resources.transactions(context)
-        found = evidence(txs, ids)
-        st.text(f"Evidence: {len(found)} of {len(ids)} transactions found in the Parquet "
-                "history")
-        st.dataframe(found, hide_index=True, key=f"review.evidence.{alert_id}", column_config={
-            "event_time": st.column_config.DatetimeColumn("event time", format="iso8601"),
-            "kafka_timestamp": st.column_config.DatetimeColumn("kafka time", format="iso8601"),
-            "amount": st.column_config.NumberColumn("amount", format="%.2f"),
-        })
+        evidence_table(resources.transactions(context)[0], ids,
+                       key=f"review.evidence.{alert_id}")
     verdict_trail(desk, snapshot, alert_id, key=f"review.trail.{alert_id}")
 
     current = snapshot.latest.get(alert_id)

@@ -30,8 +30,8 @@ from dashboard.data.rules import (
     refused,
     rules_in_force,
 )
-from dashboard.data.views import alert_record, evidence
-from dashboard.screens._charts import code_span, metric_rows, show_outcome
+from dashboard.data.views import alert_record
+from dashboard.screens._charts import code_span, evidence_table, metric_rows, show_outcome
 from fraudstream.rules.definition import RuleDefinition
 from fraudstream.rules.kinds import KINDS, Param, RuleKind
 from fraudstream.schemas import format_timestamp
@@ -417,19 +417,8 @@ def backtest_results(run: bt.BacktestRun, can_publish: bool) -> None:
             with left:
                 st.json(alert_record(alert))
             with right:
-                txs, _ = resources.transactions(context)
-                found = evidence(txs, ids)
-                st.text(f"Evidence: {len(found)} of {len(ids)} transactions found in the "
-                        "Parquet history")
-                st.dataframe(found, hide_index=True, key="rules.backtest.evidence",
-                             column_config={
-                                 "event_time": st.column_config.DatetimeColumn(
-                                     "event time", format="iso8601"),
-                                 "kafka_timestamp": st.column_config.DatetimeColumn(
-                                     "kafka time", format="iso8601"),
-                                 "amount": st.column_config.NumberColumn("amount",
-                                                                         format="%.2f"),
-                             })
+                evidence_table(resources.transactions(context)[0], ids,
+                               key="rules.backtest.evidence")
 
     publish_col, discard_col, _ = st.columns([2, 1, 3])
     with publish_col:
