@@ -516,6 +516,9 @@ def detector_command(bootstrap: str, topics: Topics, run_dir: Path, *, available
            f"--checkpoint-dir={run_dir / 'checkpoint'}", "--no-console-alerts"]
     if available_now:
         cmd.append("--available-now")
+    # Scoring is on only where a benchmark names a model (--models-dir in extra_args).
+    if not any(arg.startswith("--models-dir") for arg in extra_args):
+        cmd.append(f"--models-dir={run_dir / 'models'}")
     return [*cmd, *extra_args]
 
 

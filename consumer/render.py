@@ -60,6 +60,9 @@ def parse_alert(raw: bytes | str | None) -> dict[str, Any]:
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
         raise MalformedAlert("field 'rule_version' has the wrong type "
                              f"({type(version).__name__})")
+    score = alert.get("risk_score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)):
+        raise MalformedAlert(f"field 'risk_score' has the wrong type ({type(score).__name__})")
     return alert
 
 
@@ -94,13 +97,15 @@ def rule_label(alert: Mapping[str, Any]) -> str:
 
 def format_alert(alert: Mapping[str, Any], *, color: bool) -> str:
     """One readable line: detected time, rule and version, user, total amount, transaction
-    count, reason."""
+    count, the model's risk score when there is one, reason."""
     when = _paint(clean(alert["detected_at"]), DIM, color)
     label = _paint(f"{rule_label(alert):<{RULE_WIDTH}}", BOLD + rule_colour(alert["rule"]),
                    color)
     count = alert["transaction_count"]
+    score = alert.get("risk_score")
+    risk = f"risk {float(score):.2f}  " if score is not None else ""
     return (f"{when}  {label}  user {clean(alert['user_id']):<8}  "
-            f"amount {float(alert['total_amount']):>10.2f}  {count:>3} tx  "
+            f"amount {float(alert['total_amount']):>10.2f}  {count:>3} tx  {risk}"
             f"{clean(alert['reason'])}")
 
 

@@ -57,6 +57,7 @@ ALERTS_SCHEMA: Final = pa.schema([
     ("window_start", _TS), ("window_end", _TS), ("transaction_count", pa.int64()),
     ("total_amount", pa.float64()), ("locations", pa.list_(pa.string())),
     ("transaction_ids", pa.list_(pa.string())), ("reason", pa.string()), ("detected_at", _TS),
+    ("risk_score", pa.float64()), ("score_reasons", pa.list_(pa.string())),
 ])
 assert tuple(ALERTS_SCHEMA.names) == ALERT_FIELDS, "alert columns drifted from the contract"
 

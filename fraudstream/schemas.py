@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, Final, TypedDict
+from typing import Any, Final, NotRequired, TypedDict
 
 # --- transactions ----------------------------------------------------------------------------
 
@@ -75,6 +75,10 @@ class Alert(TypedDict):
     transaction_ids: list[str]
     reason: str
     detected_at: str
+    #: The model's fraud probability of the triggering transaction; None with no model.
+    risk_score: float | None
+    #: The features that moved that score most, in words; None with no model.
+    score_reasons: list[str] | None
 
 
 ALERT_FIELDS: Final = tuple(Alert.__annotations__)
@@ -214,3 +218,6 @@ class BatchMetrics(TypedDict):
     #: queryPlanning, addBatch, walCommit, commitOffsets...) and the sink step's own
     #: (``collect``, ``bronze``, ``sinks``)
     stage_seconds: dict[str, float]
+    #: the model scoring this run's transactions as the driver sees it (e.g. ``model
+    #: 20261202T061500Z (gbt, hold-out AUC 0.951)``), None on rules alone
+    model: NotRequired[str | None]

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import yaml
 
 from fraudstream import topics
+from fraudstream.features import HISTORY_SECONDS
 from fraudstream.rules import KINDS, MICROS, RuleDefinition, default_definitions
 from fraudstream.storage import REMOTE_SCHEMES, RemotePath, StoragePath, storage_path
 
@@ -182,8 +183,8 @@ def _check_local_paths(settings: BaseSettings, *names: str) -> None:
                 reason = ("Spark's checkpoint needs Hadoop's S3A filesystem (the hadoop-aws jar), "
                           "which the pyspark wheel does not include; keep the checkpoint on a "
                           "local or mounted path (PARQUET_DIR may be an s3:// URL)")
-            elif name == "checkpoint_dir":
-                reason = "only local (or mounted network) paths are supported for the checkpoint"
+            elif name != "parquet_dir":
+                reason = "only local (or mounted network) paths are supported here"
             else:
                 reason = ("only local (or mounted network) paths and s3://bucket/prefix URLs "
                           "are supported")
@@ -470,7 +471,7 @@ def run_entry_point(prog: str, main: Callable[[], int]) -> None:
 
 
 #: YAML sections, one per program. Each program module declares its own settings class.
-SECTIONS = ("producer", "detector", "consumer", "dashboard", "broker", "rules")
+SECTIONS = ("producer", "detector", "consumer", "dashboard", "broker", "rules", "train")
 
 
 # --- one settings class per program ------------------------------------------------------------
@@ -602,6 +603,11 @@ class DetectorSettings(KafkaSettings):
              "<CHECKPOINT_DIR>/archived/ and start a new epoch from the new topic's earliest "
              "offsets, keeping all Parquet (what ./setup.sh local mode uses)",
     )
+    models_dir: Path = setting(
+        Path("models"), env="MODELS_DIR",
+        help="trained model versions (python -m spark_job.train); the newest usable one scores "
+             "every transaction and a newer one is taken between batches; none: rules alone",
+    )
     compact_every_minutes: float = setting(
         60.0, env="COMPACT_EVERY_MINUTES", minimum=0,
         help="how often the running detector merges the closed hours of its Parquet history "
@@ -682,7 +688,11 @@ class DetectorSettings(KafkaSettings):
 
     def validate(self) -> None:
         super().validate()
-        _check_local_paths(self, "parquet_dir", "checkpoint_dir")
+        _check_local_paths(self, "parquet_dir", "checkpoint_dir", "models_dir")
+        if self.retention_seconds < HISTORY_SECONDS:
+            raise SettingsError(self.field_key("retention_seconds"),
+                                f"must be at least {HISTORY_SECONDS} s: the model's features "
+                                f"look back that far, got {self.retention_seconds:g}")
         if not re.fullmatch(r"[1-9][0-9]*[kmgt]?", self.driver_memory.strip().lower()):
             raise SettingsError(self.field_key("driver_memory"),
                                 f"expected a JVM size like 1g or 1536m, got {self.driver_memory!r}")
@@ -700,6 +710,8 @@ class DetectorSettings(KafkaSettings):
         """The four default rules with these settings' parameters, version 1."""
         overrides: dict[str, dict[str, int | float]] = {}
         for kind in KINDS.values():
+            if not kind.published_by_default:
+                continue
             overrides[kind.name] = {p.name: getattr(self, f"{kind.name}_{p.name}")
                                     for p in kind.params}
         return default_definitions(overrides)
@@ -721,7 +733,8 @@ def _verdicts_url_setting() -> Any:
                    help=_VERDICTS_URL_HELP)
 
 
-def _check_verdicts_url(settings: ConsumerSettings | DashboardSettings) -> None:
+def _check_verdicts_url(settings: ConsumerSettings | DashboardSettings | TrainSettings
+                        ) -> None:
     """A URL no database can be opened with stops start-up, not the first verdict."""
     from fraudstream.verdicts.model import check_store_url
 
@@ -797,10 +810,13 @@ class DashboardSettings(KafkaSettings):
         help="the detector's retention horizon: rules with a longer window are refused",
     )
     verdicts_url: str = _verdicts_url_setting()
+    models_dir: Path = setting(
+        Path("models"), env="MODELS_DIR", help="trained model versions, for the model's figures",
+    )
 
     def validate(self) -> None:
         super().validate()
-        _check_local_paths(self, "parquet_dir")
+        _check_local_paths(self, "parquet_dir", "models_dir")
         _check_verdicts_url(self)
 
     @property
@@ -848,9 +864,56 @@ class RulesSettings(KafkaSettings):
         return round(self.retention_seconds * MICROS)
 
 
+@dataclass(frozen=True)
+class TrainSettings(BaseSettings):
+    """Model training (``python -m spark_job.train``): features from the stored history,
+    labels from the generator's ground truth overridden by analysts' verdicts."""
+
+    SECTION: typing.ClassVar[str] = "train"
+    PROG: typing.ClassVar[str] = "python -m spark_job.train"
+    DESCRIPTION: typing.ClassVar[str] = (
+        "Train a fraud model with Spark MLlib on the stored transactions and save it as a new "
+        "version under MODELS_DIR; the running detector takes it between batches."
+    )
+
+    parquet_dir: StoragePath = setting(
+        Path("parquet_data"), env="PARQUET_DIR", help=_PARQUET_DIR_HELP)
+    models_dir: Path = setting(
+        Path("models"), env="MODELS_DIR", help="where model versions are saved, one folder each")
+    verdicts_url: str = _verdicts_url_setting()
+    algorithm: str = setting(
+        "auto", env="TRAIN_ALGORITHM",
+        choices=("auto", "gbt", "random_forest", "logistic_regression"),
+        help="classifier; auto trains gradient-boosted trees and logistic regression and keeps "
+             "the better on the time-based hold-out",
+    )
+    holdout_fraction: float = setting(
+        0.2, env="TRAIN_HOLDOUT_FRACTION", minimum=0.05, maximum=0.5,
+        help="the newest share of the history (by event time) kept out of training to measure "
+             "the model",
+    )
+    min_transactions: int = setting(
+        1000, env="TRAIN_MIN_TRANSACTIONS", minimum=10,
+        help="refuse to train on fewer labelled transactions",
+    )
+    every_hours: float = setting(
+        0.0, env="TRAIN_EVERY_HOURS", minimum=0,
+        help="retrain on this schedule, forever (the trainer service); 0 = train once and exit",
+    )
+    seed: int = setting(7, env="TRAIN_SEED", help="random seed of the classifier")
+    spark_master: str = setting("local[2]", env="SPARK_MASTER", help="Spark master URL")
+    driver_memory: str = setting(
+        "2g", env="SPARK_DRIVER_MEMORY", help="JVM heap of the Spark driver (e.g. 1g, 1536m)")
+
+    def validate(self) -> None:
+        super().validate()
+        _check_local_paths(self, "parquet_dir", "models_dir")
+        _check_verdicts_url(self)
+
+
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     BrokerSettings, ProducerSettings, DetectorSettings, ConsumerSettings, DashboardSettings,
-    RulesSettings,
+    RulesSettings, TrainSettings,
 )
 
 

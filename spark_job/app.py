@@ -24,6 +24,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from fraudstream import datasets, schemas
 from fraudstream.kafka import BrokerUnavailable, wait_for_broker
+from fraudstream.model import ModelSource
 from fraudstream.rules.ruleset import rules_in_force
 from fraudstream.rules.store import RulesTopic, RulesTopicError
 from fraudstream.settings import DetectorSettings, SettingsError
@@ -293,11 +294,17 @@ class Detector:
             rules_input=open_rules_stream(self.spark, settings),
             watermark_seconds=settings.watermark_seconds,
             horizon_seconds=settings.retention_seconds,
-            state_buckets=settings.state_buckets, shuffle_partitions=settings.shuffle_partitions)
+            state_buckets=settings.state_buckets, shuffle_partitions=settings.shuffle_partitions,
+            models_dir=str(settings.models_dir.resolve()))
+        # The driver's own view of the model, for the log and the metrics; the state step's
+        # Python workers each load the same newest version themselves.
+        models = ModelSource(settings.models_dir)
+        log.info("risk model: %s", models.status)
         if self.outputs is None:
             self.outputs = build_outputs(settings, self.epoch.epoch)
         processor = BatchProcessor(self.outputs)
-        self.listener = MetricsListener(processor, settings.resolved_metrics_file)
+        self.listener = MetricsListener(processor, settings.resolved_metrics_file,
+                                        models=models)
         self.spark.streams.addListener(self.listener)
         writer = (plan.writeStream.queryName(QUERY_NAME).foreachBatch(processor)
                   .option("checkpointLocation", str(settings.checkpoint_dir / "query")))

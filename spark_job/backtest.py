@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from fraudstream import datasets
 from fraudstream.datasets import ALERTS_SCHEMA, RULE_CHANGES_SCHEMA, read_dataset
 from fraudstream.logs import setup_logging
+from fraudstream.model import newest_model
 from fraudstream.rules.definition import DefinitionError, RuleDefinition, definition_from_dict
 from fraudstream.rules.ruleset import RuleSet, rules_in_force
 from fraudstream.schemas import (
@@ -68,6 +69,7 @@ from fraudstream.settings import (
     run_entry_point,
 )
 from spark_job.quality import (
+    ANY_FRAUD,
     REPORT_COLUMNS,
     definition_spans,
     format_ratio,
@@ -92,6 +94,7 @@ HISTORY_SCHEMA: Final = pa.schema([
     ("transaction_id", pa.string()), ("user_id", pa.string()), ("amount", pa.float64()),
     ("event_time", _TS), ("location", pa.string()), ("payment_method", pa.string()),
     ("kafka_timestamp", _TS), ("fraud_pattern", pa.string()), ("is_fraud", pa.bool_()),
+    ("merchant_id", pa.string()), ("device_ip", pa.string()),
 ])
 #: The live alerts' columns the comparison needs.
 LIVE_SCHEMA: Final = pa.schema([
@@ -315,6 +318,7 @@ def detection_input_table(history: pa.Table) -> pa.Table:
         # Rows written before bronze kept Kafka times: the event time stands in (only
         # latency figures read it).
         "kafka_timestamp": pc.coalesce(history["kafka_timestamp"], history["event_time"]),
+        "merchant_id": history["merchant_id"], "device_ip": history["device_ip"],
         ARCHIVE: pa.nulls(rows, pa.binary()), RULE_RECORD: pa.nulls(rows, pa.string()),
     }
     arrays = [columns[f.name].cast(f.type) for f in DETECTION_INPUT_ARROW_SCHEMA]
@@ -454,7 +458,8 @@ def run_rules(spark: Any, history: pa.Table, ruleset: RuleSet, settings: Detecto
     plan = build_detection_plan(
         frame, watermark_seconds=settings.watermark_seconds,
         horizon_seconds=settings.retention_seconds, initial_rules=ruleset,
-        state_buckets=settings.state_buckets, shuffle_partitions=partitions)
+        state_buckets=settings.state_buckets, shuffle_partitions=partitions,
+        models_dir=str(settings.models_dir.resolve()))
     alerts = plan.where(F.col("kind") == KIND_ALERT).select(*ALERT_COLUMNS)
     # Adaptive execution would merge the small shuffle partitions into one task, leaving a
     # core idle: keep the buckets spread over every partition as the live detector does.
@@ -570,6 +575,8 @@ def _frame(alerts: pa.Table) -> pd.DataFrame:
 def label_of(rule_id: str, definition: RuleDefinition | None, patterns: set[str]) -> str:
     """The generator label a rule is judged against: its own id when transactions carry it,
     else its kind (the generator names each injected scenario after the kind it exercises)."""
+    if definition is not None and definition.impl.judged_against_any_fraud:
+        return ANY_FRAUD
     if rule_id in patterns or definition is None:
         return rule_id
     return definition.kind
@@ -743,6 +750,12 @@ def run_backtest(options: BacktestOptions, settings: DetectorSettings,
     history = read_history(options.parquet_dir, options.time_range)
     read_seconds = time.monotonic() - mark
     progress.say(f"reading history: {history.num_rows:,} transactions ({read_seconds:.1f} s)")
+    model, problems = newest_model(settings.models_dir)
+    for problem in problems:
+        progress.say(f"model not used: {problem}")
+    progress.say(f"scoring with {model.summary}" if model is not None else
+                 f"no usable model under {settings.models_dir}: no risk scores, ml_score rules "
+                 "do not fire")
 
     mark = time.monotonic()
     if spark is None:
@@ -791,6 +804,9 @@ def run_backtest(options: BacktestOptions, settings: DetectorSettings,
                      "retention_seconds": settings.retention_seconds,
                      "state_buckets": settings.state_buckets,
                      "shuffle_partitions": partitions, "spark_master": master},
+        # The newest usable model when the backtest started: it scores the replayed
+        # transactions as the live detector would (ml_score rules included).
+        "model": model.summary if model is not None else None,
         **report,
         "timing": {"read_seconds": round(read_seconds, 3),
                    "spark_start_seconds": round(spark_seconds, 3),

@@ -46,9 +46,9 @@ from spark_job.validation import (
     ValidationLimits,
 )
 
-#: The transaction columns the windowed and high-value rules read.
+#: The transaction columns the rules and the model's features read.
 RULE_COLUMNS: Final = ("user_id", "transaction_id", EVENT_TIME, "amount", "location",
-                       "payment_method", KAFKA_TIMESTAMP)
+                       "payment_method", KAFKA_TIMESTAMP, "merchant_id", "device_ip")
 ARCHIVE: Final = "archive"
 RULE_RECORD: Final = "rule_record"
 

@@ -24,6 +24,7 @@ from typing import Any
 from pyspark.sql.streaming import StreamingQueryListener
 
 from fraudstream import schemas
+from fraudstream.model import ModelSource
 from spark_job.batch import BatchOutcome, BatchProcessor, percentile
 
 log = logging.getLogger(__name__)
@@ -150,10 +151,12 @@ class MetricsListener(StreamingQueryListener):
     is rotated when it would grow past ``max_bytes`` (``backups`` rotated files are kept)."""
 
     def __init__(self, processor: BatchProcessor, path: Path,
-                 max_bytes: int = METRICS_MAX_BYTES, backups: int = METRICS_BACKUPS) -> None:
+                 max_bytes: int = METRICS_MAX_BYTES, backups: int = METRICS_BACKUPS,
+                 models: ModelSource | None = None) -> None:
         if max_bytes <= 0 or backups < 0:
             raise ValueError("max_bytes must be positive and backups not negative")
         self.processor = processor
+        self.models = models
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
@@ -176,6 +179,9 @@ class MetricsListener(StreamingQueryListener):
         if outcome is None and not progress.get("numInputRows"):
             return  # an idle trigger: nothing ran, nothing to report
         line = metrics_line(progress, outcome)
+        if self.models is not None:
+            scorer = self.models.current()
+            line["model"] = scorer.summary if scorer is not None else None
         with self.lock:
             append_line(self.path, json.dumps(line, separators=(",", ":")) + "\n",
                         self.max_bytes, self.backups)

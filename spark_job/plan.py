@@ -40,6 +40,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
+from fraudstream.model import ModelSource
 from fraudstream.rules import MICROS, BucketState, RuleAlert, RuleChange, RuleSet, Tx, alert_record
 from spark_job.detection_input import ARCHIVE, RULE_RECORD, read_rule_record
 from spark_job.validation import EVENT_TIME
@@ -56,7 +57,8 @@ ALERT_COLUMNS_DDL = (
     "alert_id string, rule string, rule_version long, alert_user_id string, "
     "window_start timestamp, window_end timestamp, transaction_count long, total_amount double, "
     "locations array<string>, transaction_ids array<string>, reason string, "
-    "detected_at timestamp, trigger_kafka_timestamp timestamp"
+    "detected_at timestamp, risk_score double, score_reasons array<string>, "
+    "trigger_kafka_timestamp timestamp"
 )
 STATS_COLUMNS_DDL = "late_rows long, duplicate_rows long"
 OUTPUT_DDL = (f"kind string, {ALERT_COLUMNS_DDL}, {STATS_COLUMNS_DDL}, {ARCHIVE} binary, "
@@ -96,9 +98,11 @@ class BucketStep:
     batch run over a static frame exercises exactly the streaming code.
     """
 
-    def __init__(self, watermark_delay_us: int, horizon_us: int) -> None:
+    def __init__(self, watermark_delay_us: int, horizon_us: int,
+                 models: ModelSource | None = None) -> None:
         self.watermark_delay_us = watermark_delay_us
         self.horizon_us = horizon_us
+        self.models = models
 
     def run(self, frames: Iterator[pd.DataFrame], state: BucketState, watermark_us: int,
             reports_rules: bool = True) -> Iterator[pd.DataFrame]:
@@ -123,7 +127,8 @@ class BucketStep:
                 newest_us = max(newest_us or 0, int(event_us[on_time].max()))
             txs = map(Tx, event_us.tolist(), frame["transaction_id"].tolist(),
                       frame["amount"].astype(float).tolist(), frame["location"].tolist(),
-                      frame["payment_method"].tolist(), _micros(frame["kafka_timestamp"]).tolist())
+                      frame["payment_method"].tolist(), _micros(frame["kafka_timestamp"]).tolist(),
+                      frame["merchant_id"].tolist(), frame["device_ip"].tolist())
             for user_id, tx, in_time in zip(frame["user_id"].tolist(), txs, on_time.tolist(),
                                             strict=True):
                 if in_time:
@@ -135,7 +140,8 @@ class BucketStep:
         if records:
             records.sort(key=lambda record: record[2])
             changes = state.apply_rules(records, self.horizon_us)
-        alerts, duplicates = state.process(arrivals, late=late)
+        scorer = self.models.current() if self.models is not None and (arrivals or late) else None
+        alerts, duplicates = state.process(arrivals, late=late, scorer=scorer)
         # The next batch's watermark is at least this bucket's newest event minus the delay.
         floor = watermark_us if newest_us is None else max(
             watermark_us, newest_us - self.watermark_delay_us)
@@ -191,10 +197,28 @@ def _with_columns(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
     return frame[OUTPUT_COLUMNS]
 
 
+#: One model source per Python worker process and models folder: Spark reuses its Python
+#: workers across batches, so a loaded model stays loaded and is looked up again only every
+#: few seconds (``ModelSource``).
+_MODEL_SOURCES: dict[str, ModelSource] = {}
+
+
+def model_source(models_dir: str | None) -> ModelSource | None:
+    """This process's watcher of ``models_dir`` (None: scoring off)."""
+    if not models_dir:
+        return None
+    source = _MODEL_SOURCES.get(models_dir)
+    if source is None:
+        source = _MODEL_SOURCES[models_dir] = ModelSource(models_dir)
+    return source
+
+
 def make_state_function(watermark_delay_us: int, horizon_us: int, initial_rules: RuleSet,
-                        reporter_key: int):  # type: ignore[no-untyped-def]
+                        reporter_key: int, models_dir: str | None = None
+                        ):  # type: ignore[no-untyped-def]
     """The per-bucket handler given to applyInPandasWithState. A bucket without state starts
-    with ``initial_rules``; ``reporter_key`` is the bucket that reports rule changes."""
+    with ``initial_rules``; ``reporter_key`` is the bucket that reports rule changes; the
+    newest usable model under ``models_dir`` scores each new transaction."""
     step = BucketStep(watermark_delay_us, horizon_us)
 
     def handle(key: tuple[Any, ...], frames: Iterator[pd.DataFrame], state: GroupState
@@ -202,6 +226,7 @@ def make_state_function(watermark_delay_us: int, horizon_us: int, initial_rules:
         if key[0] == ARCHIVE_BUCKET:
             yield from _archives(frames)
             return
+        step.models = model_source(models_dir)
         bucket = (BucketState.from_json(state.get[0]) if state.exists
                   else BucketState(ruleset=initial_rules))
         watermark_us = max(0, state.getCurrentWatermarkMs()) * 1000
@@ -216,12 +241,14 @@ def make_state_function(watermark_delay_us: int, horizon_us: int, initial_rules:
 
 
 def make_batch_function(watermark_delay_us: int, horizon_us: int, initial_rules: RuleSet,
-                        reporter_key: int):  # type: ignore[no-untyped-def]
+                        reporter_key: int, models_dir: str | None = None
+                        ):  # type: ignore[no-untyped-def]
     """The same step for a static DataFrame (applyInPandas): one group's rows, no prior
     state."""
     step = BucketStep(watermark_delay_us, horizon_us)
 
     def handle(key: tuple[Any, ...], frame: pd.DataFrame) -> pd.DataFrame:
+        step.models = model_source(models_dir)
         if key[0] == ARCHIVE_BUCKET:
             parts = list(_archives(iter([frame])))
         else:
@@ -284,7 +311,8 @@ def balanced_bucket_keys(state_buckets: int, shuffle_partitions: int) -> list[in
 def build_detection_plan(detection_input: DataFrame, *, watermark_seconds: float,
                          horizon_seconds: float, rules_input: DataFrame | None = None,
                          initial_rules: RuleSet | None = None, state_buckets: int = 32,
-                         shuffle_partitions: int = 2) -> DataFrame:
+                         shuffle_partitions: int = 2, models_dir: str | None = None
+                         ) -> DataFrame:
     """Tagged rows (``kind``) for one foreachBatch: the alerts, per-bucket counters, rule
     changes and the archived chunks.
 
@@ -293,7 +321,9 @@ def build_detection_plan(detection_input: DataFrame, *, watermark_seconds: float
     carries rule records (the rules topic), copied to every bucket. ``initial_rules`` are in
     force in a bucket before any rule record (the detector starts from none: its rules come
     from the topic). ``shuffle_partitions`` must be the query's (``spark.sql.shuffle.partitions``,
-    fixed by its checkpoint): the bucket keys are chosen to spread evenly over them."""
+    fixed by its checkpoint): the bucket keys are chosen to spread evenly over them.
+    ``models_dir``: where the state step looks for the newest model version (None: no
+    scoring; alerts then carry null ``risk_score`` and ``ml_score`` rules never fire)."""
     delay_ms = int(watermark_seconds * 1000)
     horizon_us = round(horizon_seconds * MICROS)
     initial = initial_rules or RuleSet()
@@ -306,7 +336,7 @@ def build_detection_plan(detection_input: DataFrame, *, watermark_seconds: float
     if rules_input is not None:
         bucketed = bucketed.unionByName(rules_input.withColumn(BUCKET, F.explode(keys)))
     grouped = bucketed.withWatermark(EVENT_TIME, f"{delay_ms} milliseconds").groupBy(BUCKET)
-    args = (delay_ms * 1000, horizon_us, initial, bucket_keys[0])
+    args = (delay_ms * 1000, horizon_us, initial, bucket_keys[0], models_dir)
     if detection_input.isStreaming:
         return grouped.applyInPandasWithState(
             make_state_function(*args),

@@ -85,6 +85,16 @@ def definition_spans(definitions: Iterable[RuleDefinition]) -> dict[str, float]:
     return {d.rule_id: d.window_us / MICROS for d in definitions if d.windowed}
 
 
+#: The label of a rule judged against every labelled fraud, whatever its scenario.
+ANY_FRAUD = "*"
+
+
+def definition_labels(definitions: Iterable[RuleDefinition]) -> dict[str, str]:
+    """The labels of rules whose kind is judged against any fraud (``ml_score``): pass as
+    ``labels`` to ``quality_report``; other rules keep the default (their own id)."""
+    return {d.rule_id: ANY_FRAUD for d in definitions if d.impl.judged_against_any_fraud}
+
+
 def quality_report(
     transactions: pd.DataFrame, alerts: pd.DataFrame, spans: Mapping[str, float],
     as_of: datetime | None = None, *, rules: Sequence[str] | None = None,
@@ -98,7 +108,8 @@ def quality_report(
     the newest in ``transactions``; pass it when unlabelled rows were left out). ``rules`` are
     the report's rows, in order (default: the four contract rules first, then any other rule
     seen in the data); ``labels`` maps a rule to the ``fraud_pattern`` it is judged against
-    (default: its own id). Returns one row per rule, indexed by ``rule``.
+    (default: its own id; ``ANY_FRAUD``: every labelled fraud). Returns one row per rule,
+    indexed by ``rule``.
     """
     labelled = _labelled(transactions)
     alerts = alerts.drop_duplicates("alert_id") if "alert_id" in alerts.columns else alerts
@@ -166,8 +177,11 @@ def _episode_labels(labelled: pd.DataFrame, label_of: Mapping[str, str],
     (unique across rules and users): split per user where the gap exceeds the rule's span."""
     judged = pd.DataFrame({"rule": list(label_of), "fraud_pattern": list(label_of.values())},
                           dtype="object")
+    any_fraud = judged["fraud_pattern"] == ANY_FRAUD
     labels = (
-        judged.merge(labelled, on="fraud_pattern")
+        pd.concat([judged[~any_fraud].merge(labelled, on="fraud_pattern"),
+                   judged.loc[any_fraud, ["rule"]].merge(labelled, how="cross")],
+                  ignore_index=True)
         .sort_values(["rule", "user_id", "event_time", "transaction_id"])
         .reset_index(drop=True)
     )

@@ -4,6 +4,7 @@ session, and markers applied by folder so `-m unit` / `-m integration` select ti
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ TIER_BY_FOLDER = {"unit": "unit", "integration": "integration", "e2e": "e2e", "c
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+# Programs started by tests must not score with a model someone trained in the working copy
+# (MODELS_DIR defaults to ./models): an empty folder unless a test names its own.
+os.environ["MODELS_DIR"] = tempfile.mkdtemp(prefix="fraudstream-test-models-")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -188,6 +188,8 @@ def default_definitions(overrides: Mapping[str, Mapping[str, int | float]] | Non
     stamp = format_timestamp(updated_at or utc_now())
     out = []
     for name, kind in KINDS.items():
+        if not kind.published_by_default:
+            continue
         params = {**kind.defaults, **(overrides or {}).get(name, {})}
         out.append(definition_from_dict({
             "rule_id": name, "kind": name, "version": 1, "enabled": True, "params": params,

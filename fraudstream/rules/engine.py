@@ -31,15 +31,19 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_left, insort
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fraudstream import schemas
 from fraudstream.rules.definition import RuleDefinition
 from fraudstream.rules.kinds import MICROS, SpanKind, TransactionKind, Tx
 from fraudstream.rules.ruleset import RuleChange, RuleSet
+
+if TYPE_CHECKING:
+    from fraudstream.model import Scorer
 
 __all__ = ["BucketState", "RuleAlert", "UserState", "alert_record", "us_to_datetime"]
 
@@ -51,6 +55,9 @@ class RuleAlert(NamedTuple):
     evidence: tuple[Tx, ...]
     trigger: Tx  # the transaction that made the rule true
     reason: str
+    #: The model's fraud probability of ``trigger`` and why; None without a model.
+    risk_score: float | None = None
+    score_reasons: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -227,33 +234,60 @@ class BucketState:
         return changes
 
     def process(self, arrivals: Mapping[str, list[Tx]],
-                late: Mapping[str, list[Tx]] | None = None) -> tuple[list[RuleAlert], int]:
+                late: Mapping[str, list[Tx]] | None = None,
+                scorer: Scorer | None = None) -> tuple[list[RuleAlert], int]:
         """Feed each user's on-time arrivals to the rules; return (alerts, duplicates ignored).
 
         Per-transaction rules fire for arrivals and for ``late`` transactions (behind the
         watermark, kept out of the windowed rules) alike, once per transaction id the user's
         state still holds: a resend in a later batch is the same evidence and must not alert
         twice.
+
+        With a ``scorer`` (a loaded model), every new transaction is scored from its features
+        over the user's buffer (``fraudstream.features``); ``ml_score`` rules judge that score
+        and every alert carries its trigger's score and the reasons for it.
         """
         windowed = self.ruleset.windowed
         single = self.ruleset.per_transaction
-        alerts: list[RuleAlert] = []
         duplicates = 0
+        fresh_by_user: list[tuple[str, UserState, list[Tx]]] = []
         for user_id, txs in arrivals.items():
             user = self.get(user_id)
             if user is None:
                 user = self.users[user_id] = UserState()
-            known = _known_ids(user, txs, single)
             fresh, dup = user.add(txs)
             duplicates += dup
-            alerts.extend(_per_transaction_alerts(user_id, txs, known, single))
-            if fresh and windowed:
-                alerts.extend(user.evaluate(user_id, fresh[0].event_us, windowed))
+            if fresh:
+                fresh_by_user.append((user_id, user, fresh))
+        late_by_user: list[tuple[str, UserState | None, list[Tx]]] = []
         for user_id, txs in (late or {}).items():
             user = self.get(user_id)
-            known = _known_ids(user, txs, single) if user else set()
-            alerts.extend(_per_transaction_alerts(user_id, txs, known, single))
-        return alerts, duplicates
+            held = {tx.transaction_id for tx in user.buffer} if user else set()
+            unique: list[Tx] = []
+            for tx in sorted(txs):
+                if tx.transaction_id not in held:
+                    held.add(tx.transaction_id)
+                    unique.append(tx)
+            if unique:
+                late_by_user.append((user_id, user, unique))
+        scores = _Scores.of(scorer, [*fresh_by_user, *late_by_user])
+        alerts: list[RuleAlert] = []
+        for user_id, user, fresh in fresh_by_user:
+            alerts.extend(_per_transaction_alerts(user_id, fresh, single, scores))
+            if windowed:
+                alerts.extend(user.evaluate(user_id, fresh[0].event_us, windowed))
+        for user_id, _, unique in late_by_user:
+            alerts.extend(_per_transaction_alerts(user_id, unique, single, scores))
+        if scores.scorer is not None:
+            # A windowed alert can be triggered by a transaction of an earlier batch (one that
+            # arrived before, but is later in event time than, this batch's first): score it
+            # against the user's buffer now.
+            missing: dict[str, list[Tx]] = defaultdict(list)
+            for alert in alerts:
+                if alert.trigger.transaction_id not in scores.rows:
+                    missing[alert.user_id].append(alert.trigger)
+            scores.add([(user_id, self.users[user_id], txs) for user_id, txs in missing.items()])
+        return scores.attach(alerts), duplicates
 
     def prune(self, watermark_us: int, horizon_us: int) -> None:
         """Drop what no transaction at or after ``watermark_us`` can reach: pruned in parsed
@@ -286,36 +320,66 @@ class BucketState:
         return cls(ruleset=_ruleset_from_text(data["r"]), stored=data["u"])
 
 
-def _known_ids(user: UserState, txs: Sequence[Tx], rules: Sequence[RuleDefinition]
-               ) -> set[str]:
-    """The ids ``user`` already holds, if any of ``txs`` fires a per-transaction rule."""
-    if any(_fires(rule, tx) for rule in rules for tx in txs):
-        return {tx.transaction_id for tx in user.buffer}
-    return set()
+class _Scores:
+    """The model's scores of one batch's new transactions, and their feature rows for
+    explaining the few that trigger an alert. Scored as one matrix per bucket and batch: the
+    trees are walked for all rows at once (``Scorer.score``)."""
+
+    def __init__(self, scorer: Scorer | None, rows: dict[str, list[float]],
+                 values: dict[str, float]) -> None:
+        self.scorer = scorer
+        self.rows = rows
+        self.values = values
+
+    @classmethod
+    def of(cls, scorer: Scorer | None,
+           users: Sequence[tuple[str, UserState | None, list[Tx]]]) -> _Scores:
+        scores = cls(scorer, {}, {})
+        scores.add(users)
+        return scores
+
+    def add(self, users: Sequence[tuple[str, UserState | None, list[Tx]]]) -> None:
+        """Score each user's ``txs`` against the user's buffer."""
+        if self.scorer is None or not users:
+            return
+        # Imported here: the feature module builds on the rule core's Tx.
+        from fraudstream.features import user_features
+
+        rows: dict[str, list[float]] = {}
+        for _, user, txs in users:
+            buffer = user.buffer if user is not None else []
+            for tx, row in zip(txs, user_features(buffer, txs), strict=True):
+                rows[tx.transaction_id] = row
+        if rows:
+            self.rows.update(rows)
+            self.values.update(zip(rows, self.scorer.score(list(rows.values())).tolist(),
+                                   strict=True))
+
+    def get(self, tx: Tx) -> float | None:
+        return self.values.get(tx.transaction_id)
+
+    def attach(self, alerts: list[RuleAlert]) -> list[RuleAlert]:
+        """``alerts`` with their trigger's score and reasons (explained together)."""
+        if self.scorer is None or not alerts:
+            return alerts
+        reasons = self.scorer.explain_many(
+            [self.rows[alert.trigger.transaction_id] for alert in alerts])
+        return [alert._replace(risk_score=self.values[alert.trigger.transaction_id],
+                               score_reasons=tuple(why))
+                for alert, why in zip(alerts, reasons, strict=True)]
 
 
-def _fires(rule: RuleDefinition, tx: Tx) -> bool:
-    kind = rule.impl
-    assert isinstance(kind, TransactionKind)
-    return kind.fires(tx, rule.params)
-
-
-def _per_transaction_alerts(user_id: str, txs: Sequence[Tx], known: set[str],
-                            rules: Sequence[RuleDefinition]) -> list[RuleAlert]:
+def _per_transaction_alerts(user_id: str, txs: Sequence[Tx], rules: Sequence[RuleDefinition],
+                            scores: _Scores) -> list[RuleAlert]:
     alerts = []
     for tx in txs:
-        if tx.transaction_id in known:
-            continue
-        fired = False
+        score = scores.get(tx)
         for rule in rules:
             kind = rule.impl
             assert isinstance(kind, TransactionKind)
-            if kind.fires(tx, rule.params):
-                fired = True
+            if kind.fires(tx, rule.params, score):
                 alerts.append(RuleAlert(rule.rule_id, rule.version, user_id, (tx,), tx,
-                                        kind.reason(tx, rule.params)))
-        if fired:
-            known.add(tx.transaction_id)  # a resend later in the same batch is not new
+                                        kind.reason(tx, rule.params, score)))
     return alerts
 
 
@@ -344,4 +408,6 @@ def alert_record(alert: RuleAlert, detected_at: datetime) -> dict[str, Any]:
         "transaction_ids": ids,
         "reason": alert.reason,
         "detected_at": detected_at,
+        "risk_score": alert.risk_score,
+        "score_reasons": list(alert.score_reasons) if alert.score_reasons is not None else None,
     }

@@ -44,6 +44,7 @@ __all__ = [
     "KINDS",
     "MICROS",
     "HighValue",
+    "MlScore",
     "MultiLocation",
     "Param",
     "ParamError",
@@ -72,6 +73,10 @@ class Tx(NamedTuple):
     location: str
     payment_method: str
     kafka_us: int  # Kafka record timestamp: when the event reached the broker (for latency)
+    # Read by the model's features only. Defaults keep a state written before they were kept
+    # readable (its transactions then count as seen on no device and at no merchant).
+    merchant_id: str = ""
+    device_ip: str = ""
 
 
 class ParamError(ValueError):
@@ -135,6 +140,11 @@ class RuleKind:
     params: ClassVar[tuple[Param, ...]]
     #: The parameters of the default rule of this kind (rule_id = kind name).
     defaults: ClassVar[Mapping[str, int | float]]
+    #: Whether an empty rules topic gets a rule of this kind (as version 1).
+    published_by_default: ClassVar[bool] = True
+    #: Whether quality figures judge the kind against every labelled fraud rather than the
+    #: generator's scenarios named after it (a model looks for fraud of any kind).
+    judged_against_any_fraud: ClassVar[bool] = False
 
     def validate(self, raw: Any) -> dict[str, int | float]:
         """Typed params from a definition's ``params`` object; raises ParamError."""
@@ -160,12 +170,13 @@ class RuleKind:
 
 
 class TransactionKind(RuleKind):
-    """A kind that judges each transaction on its own."""
+    """A kind that judges each transaction on its own. ``score`` is the model's fraud
+    probability of the transaction (None when no model is loaded)."""
 
-    def fires(self, tx: Tx, params: Params) -> bool:
+    def fires(self, tx: Tx, params: Params, score: float | None = None) -> bool:
         raise NotImplementedError
 
-    def reason(self, tx: Tx, params: Params) -> str:
+    def reason(self, tx: Tx, params: Params, score: float | None = None) -> str:
         raise NotImplementedError
 
 
@@ -217,14 +228,41 @@ class HighValue(TransactionKind):
     params = (Param("amount", float, 0, "fires when a transaction's amount is above this"),)
     defaults = MappingProxyType({"amount": 3500.0})
 
-    def fires(self, tx: Tx, params: Params) -> bool:
+    def fires(self, tx: Tx, params: Params, score: float | None = None) -> bool:
         return tx.amount > params["amount"]
 
-    def reason(self, tx: Tx, params: Params) -> str:
+    def reason(self, tx: Tx, params: Params, score: float | None = None) -> str:
         return f"amount {tx.amount:.2f} above {params['amount']:g}"
 
     def summary(self, params: Params) -> str:
         return f"one transaction above {params['amount']:g}"
+
+
+class MlScore(TransactionKind):
+    """The model's fraud probability of one transaction is at or above ``threshold``.
+
+    Never fires while no model is loaded (the detector then says it runs on rules alone), and
+    is not among the rules an empty rules topic gets: a team turns it on once a model exists
+    (``python -m fraudstream.rules set ml_score --kind ml_score threshold=0.9``)."""
+
+    name = "ml_score"
+    title = "the model's fraud probability at or above a threshold"
+    colour = "#2ca02c"
+    ansi = "32"  # green
+    params = (Param("threshold", float, 0, "fires when the model's fraud probability is at "
+                    "least this", exclusive_minimum=True, maximum=1.0),)
+    defaults = MappingProxyType({"threshold": 0.9})
+    published_by_default = False
+    judged_against_any_fraud = True
+
+    def fires(self, tx: Tx, params: Params, score: float | None = None) -> bool:
+        return score is not None and score >= params["threshold"]
+
+    def reason(self, tx: Tx, params: Params, score: float | None = None) -> str:
+        return f"risk score {score or 0:.2f} at or above {params['threshold']:g}"
+
+    def summary(self, params: Params) -> str:
+        return f"the model's fraud probability at or above {params['threshold']:g}"
 
 
 _WINDOW = Param("window_seconds", float, 0, "span of event time, seconds",
@@ -347,7 +385,8 @@ class MultiLocation(SpanKind):
 
 #: Every kind by name, in display order.
 KINDS: Final[Mapping[str, RuleKind]] = {
-    kind.name: kind for kind in (HighValue(), Velocity(), MultiLocation(), PaypalMicro())
+    kind.name: kind for kind in (HighValue(), Velocity(), MultiLocation(), PaypalMicro(),
+                                 MlScore())
 }
 
 

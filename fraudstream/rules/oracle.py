@@ -41,7 +41,8 @@ def event_us(record: Row) -> int:
 
 def _tx(record: Row) -> Tx:
     return Tx(event_us(record), record["transaction_id"], float(record["amount"]),
-              record["location"], record["payment_method"], 0)
+              record["location"], record["payment_method"], 0,
+              record.get("merchant_id", ""), record.get("device_ip", ""))
 
 
 def _ruleset(rules: Rules) -> RuleSet:
@@ -66,17 +67,21 @@ def _holds_until(kind: SpanKind, rule: RuleDefinition, window: list[Tx]) -> int:
     return last_true
 
 
-def expected_alerts(transactions: Iterable[Row], rules: Rules = None) -> list[dict[str, Any]]:
+def expected_alerts(transactions: Iterable[Row], rules: Rules = None,
+                    scores: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """Alerts (rule, rule_version, user_id, alert_id, transaction_ids, window bounds) that
     ``rules`` (default: the four default rules) must raise over ``transactions`` (contract
     dicts, ``timestamp`` as ISO text or aware datetime). A repeated transaction_id counts
-    once."""
-    return expected_alerts_piecewise([(transactions, rules)])
+    once. ``scores`` (transaction_id -> the model's fraud probability) is what ``ml_score``
+    rules judge; without it they never fire, as in a detector with no model."""
+    return expected_alerts_piecewise([(transactions, rules)], scores)
 
 
-def expected_alerts_piecewise(phases: Sequence[tuple[Iterable[Row], Rules]]
+def expected_alerts_piecewise(phases: Sequence[tuple[Iterable[Row], Rules]],
+                              scores: Mapping[str, float] | None = None
                               ) -> list[dict[str, Any]]:
     """Alerts when the rules change between phases (see the module docstring)."""
+    scores = scores or {}
     held: dict[str, dict[str, Tx]] = defaultdict(dict)
     episode_end: dict[tuple[str, str], int] = {}
     alerts: list[dict[str, Any]] = []
@@ -96,7 +101,7 @@ def expected_alerts_piecewise(phases: Sequence[tuple[Iterable[Row], Rules]]
                 kind = rule.impl
                 assert isinstance(kind, TransactionKind)
                 alerts += [_alert(rule, user_id, [tx]) for tx in arrivals
-                           if kind.fires(tx, rule.params)]
+                           if kind.fires(tx, rule.params, scores.get(tx.transaction_id))]
             fresh = {tx.transaction_id for tx in arrivals}
             for rule in ruleset.windowed:
                 kind = rule.impl

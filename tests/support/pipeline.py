@@ -98,6 +98,7 @@ def detector_env(topics_env: Mapping[str, str], work: Path, **extra: str) -> dic
     env.update({
         "PARQUET_DIR": str(work / "parquet"),
         "CHECKPOINT_DIR": str(work / "checkpoint"),
+        "MODELS_DIR": str(work / "models"),
         "SPARK_LOCAL_IP": "127.0.0.1",
         "NO_COLOR": "1",
         "PYTHONUNBUFFERED": "1",

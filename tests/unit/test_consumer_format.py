@@ -44,10 +44,19 @@ def make_alert(rule: str = VELOCITY, user: str = "u0042", **overrides: Any) -> d
         "window_start": "2026-11-22T10:15:02.000Z", "window_end": "2026-11-22T10:15:41.000Z",
         "transaction_count": 4, "total_amount": 311.2, "locations": ["Lyon"],
         "transaction_ids": ids, "reason": "4 transactions within 60 s (limit 3)",
-        "detected_at": "2026-11-22T10:15:42.310Z",
+        "detected_at": "2026-11-22T10:15:42.310Z", "risk_score": None, "score_reasons": None,
     }
     alert.update(overrides)
     return alert
+
+
+def test_a_scored_alert_shows_its_risk_score() -> None:
+    alert = make_alert(risk_score=0.934, score_reasons=["transactions in 1 min 6 (+0.31)"])
+    line = format_alert(parse_alert(json.dumps(alert)), color=False)
+    assert "risk 0.93" in line
+    assert "risk" not in format_alert(make_alert(), color=False)
+    with pytest.raises(MalformedAlert, match="risk_score"):
+        parse_alert(json.dumps(make_alert(risk_score="high")))
 
 
 def test_parse_accepts_a_contract_alert() -> None:

@@ -248,3 +248,30 @@ def test_cli_rejects_a_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--velocity-window-seconds", "soon"])
     assert exit_info.value.code == 2
     assert "velocity" in capsys.readouterr().err
+
+
+def test_an_ml_score_rule_is_judged_against_fraud_of_any_scenario() -> None:
+    from fraudstream.rules import definition_from_dict
+    from spark_job.quality import ANY_FRAUD, definition_labels
+
+    model_rule = definition_from_dict({
+        "rule_id": "model_90", "kind": "ml_score", "version": 1, "enabled": True,
+        "params": {"threshold": 0.9}, "updated_at": "2026-12-01T10:00:00Z", "updated_by": "t"})
+    velocity = definition_from_dict({
+        "rule_id": VELOCITY, "kind": VELOCITY, "version": 1, "enabled": True,
+        "params": {"count": 3, "window_seconds": 60}, "updated_at": "2026-12-01T10:00:00Z",
+        "updated_by": "t"})
+    labels = definition_labels([model_rule, velocity])
+    assert labels == {"model_90": ANY_FRAUD}
+    txs, alerts = frames(
+        [tx("a", "u1", 0, VELOCITY), tx("b", "u2", 10, HIGH_VALUE), tx("c", "u3", 20),
+         tx("d", "u4", 30, PAYPAL_MICRO)],
+        [alert("model_90", "u1", ["a"]), alert("model_90", "u2", ["b"]),
+         alert("model_90", "u3", ["c"])])
+    report = quality_report(txs, alerts, SPANS, rules=["model_90"], labels=labels)
+    row = report.loc["model_90"]
+    # a and b are fraud (of other scenarios): true positives; c is not; d was missed.
+    assert (row["alerts"], row["true_positive_alerts"]) == (3, 2)
+    assert (row["episodes"], row["detected_episodes"]) == (3, 2)
+    without = quality_report(txs, alerts, SPANS, rules=["model_90"])
+    assert without.loc["model_90", "true_positive_alerts"] == 0

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,6 +44,8 @@ from fraudstream.rules import (
     default_definitions,
     kind_of,
 )
+from fraudstream.features import FEATURE_NAMES, FEATURE_SET
+from fraudstream.model import MODEL_FORMAT, Scorer
 from fraudstream.rules.definition import DEFAULTS_AUTHOR
 from fraudstream.rules.oracle import expected_alerts, expected_alerts_piecewise
 
@@ -50,6 +53,18 @@ BASE = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
 BASE_US = int(BASE.timestamp()) * MICROS
 STAMP = "2026-12-01T10:00:00.000Z"
 HORIZON_US = 600 * MICROS
+
+#: A real model (logistic regression on the amount alone: 0.12 at 0, 0.5 at 1000, 0.99 at
+#: 3500) so ``ml_score`` rules fire in these runs; the oracle gets the same scores per id.
+AMOUNT_MODEL = Scorer.from_json({
+    "format": MODEL_FORMAT, "version": "amount-only", "algorithm": "logistic_regression",
+    "feature_set": FEATURE_SET, "features": list(FEATURE_NAMES),
+    "coefficients": [0.002] + [0.0] * (len(FEATURE_NAMES) - 1), "intercept": -2.0,
+    "means": [0.0] * len(FEATURE_NAMES)}, Path("amount-only"))
+
+
+def amount_score(amount: float) -> float:
+    return float(AMOUNT_MODEL.score([[amount] + [0.0] * (len(FEATURE_NAMES) - 1)])[0])
 DETECTED_AT = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 
 Record = dict[str, Any]
@@ -155,7 +170,7 @@ class Driver:
             self.max_us = item.event_us if self.max_us is None else max(self.max_us,
                                                                          item.event_us)
         self.phases.append((list(records), self.bucket.ruleset))
-        alerts, duplicates = self.bucket.process(arrivals, late)
+        alerts, duplicates = self.bucket.process(arrivals, late, scorer=AMOUNT_MODEL)
         self.duplicates += duplicates
         self.alerts.extend(alerts)
         if self.watermark_us is not None:
@@ -168,7 +183,12 @@ class Driver:
 
     def expected(self) -> list[AlertKey]:
         """The oracle with one phase per batch (each batch judged by the rules in force)."""
-        return oracle_keys(expected_alerts_piecewise(self.phases))
+        return oracle_keys(expected_alerts_piecewise(self.phases, self.scores()))
+
+    def scores(self) -> dict[str, float]:
+        """What the model scored each transaction: the oracle's input for ml_score rules."""
+        return {record["transaction_id"]: amount_score(float(record["amount"]))
+                for records, _ in self.phases for record in records}
 
 
 def engine_keys(alerts: Iterable[RuleAlert]) -> list[AlertKey]:
@@ -398,6 +418,8 @@ def random_params(rng: random.Random, kind: str) -> dict[str, Any]:
         return {"count": rng.randint(1, 5), "window_seconds": random_window(rng)}
     if kind == "multi_location":
         return {"count": rng.randint(2, 3), "window_seconds": random_window(rng)}
+    if kind == "ml_score":  # AMOUNT_MODEL: 0.5 at an amount of 1000, 0.9 at ~2100
+        return {"threshold": rng.choice([0.5, 0.5, 0.9, 0.3])}
     assert kind == "paypal_micro"
     return {"count": rng.randint(1, 4), "amount": rng.choice([20.0, 49.99, 50.0, 75.5]),
             "window_seconds": random_window(rng)}
@@ -496,7 +518,9 @@ def test_engine_matches_oracle_on_random_streams(seed: int) -> None:
     assert driver.keys() == driver.expected()
     if not result.shape.cross_batch_ties:
         # With no tie across batches, batching cannot matter: one phase gives the same.
-        assert driver.keys() == oracle_keys(expected_alerts(result.records, result.ruleset))
+        scores = {r["transaction_id"]: amount_score(float(r["amount"])) for r in result.records}
+        assert driver.keys() == oracle_keys(expected_alerts(result.records, result.ruleset,
+                                                            scores))
 
 
 def test_random_streams_exercise_every_kind_ties_resends_and_episodes() -> None:
@@ -717,7 +741,7 @@ def test_engine_matches_piecewise_oracle_under_random_rule_changes(seed: int) ->
                 grouped[-1][0].extend(records)
             else:
                 grouped.append((list(records), ruleset))
-        assert driver.keys() == oracle_keys(expected_alerts_piecewise(grouped))
+        assert driver.keys() == oracle_keys(expected_alerts_piecewise(grouped, driver.scores()))
 
 
 def test_random_rule_changes_exercise_every_status_and_later_versions() -> None:
@@ -1072,12 +1096,16 @@ def test_alert_record_matches_the_contract() -> None:
         "transaction_count": 4, "total_amount": 160.0, "locations": ["Lyon", "Paris"],
         "transaction_ids": ["t0", "t20", "t40", "t60"],
         "reason": "4 transactions within 60 s (limit 3)", "detected_at": DETECTED_AT,
+        "risk_score": amount_score(70.0),  # the trigger, t60
+        "score_reasons": alert["score_reasons"],
     }
+    assert alert["score_reasons"] and alert["score_reasons"][0].startswith("amount 70.00")
 
 
 def test_default_definitions_are_each_kinds_defaults() -> None:
     defaults = default_definitions()
-    assert [d.rule_id for d in defaults] == list(KINDS)
+    # ml_score needs a model first: a team turns it on, an empty topic does not get it.
+    assert [d.rule_id for d in defaults] == [k for k in KINDS if k != "ml_score"]
     for rule in defaults:
         assert (rule.kind, rule.version, rule.enabled, rule.updated_by) == (
             rule.rule_id, 1, True, DEFAULTS_AUTHOR)
