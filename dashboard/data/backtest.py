@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -81,9 +81,10 @@ RULE_COLUMNS: Final = ("rule", "version", "enabled", "alerts", "live_alerts", "a
                        "removed", "unchanged", "precision", "recall", "live_precision",
                        "live_recall", "analyst_precision", "live_analyst_precision")
 #: Columns of the added / removed alerts of the candidate's rule.
-CHANGE_COLUMNS: Final = ("change", "alert_id", "rule", "rule_version", "user_id", "window_start",
-                         "window_end", "transaction_count", "total_amount", "locations",
-                         "reason", "transaction_ids", "detected_at")
+CHANGE_COLUMNS: Final = ("change", "alert_id", "rule", "rule_version", "risk_score", "user_id",
+                         "window_start", "window_end", "transaction_count", "total_amount",
+                         "locations", "reason", "transaction_ids", "score_reasons",
+                         "detected_at")
 _TAIL_BYTES: Final = 64 * 1024
 
 
@@ -412,6 +413,7 @@ def changed_alerts(result: BacktestResult, live: pa.Table, rule_id: str,
         frames.append(frame)
     both = pd.concat(frames, ignore_index=True)
     both["rule_version"] = pd.to_numeric(both["rule_version"], errors="coerce").astype("Int64")
+    both["risk_score"] = pd.to_numeric(both["risk_score"], errors="coerce").astype("Float64")
     both = both.sort_values(["change", "window_end", "alert_id"], kind="stable")
     return both.reindex(columns=list(CHANGE_COLUMNS)).reset_index(drop=True)
 
@@ -422,8 +424,3 @@ def change_label(row: Mapping[str, Any]) -> str:
     when = end.strftime("%Y-%m-%d %H:%M:%S") if isinstance(end, datetime) else "?"
     return (f"{row['change']} · {when} · {row['user_id']} · {row['transaction_count']} txs · "
             f"{str(row['alert_id'])[:8]}")
-
-
-def evidence_ids(row: Mapping[str, Any]) -> Sequence[str]:
-    ids = row.get("transaction_ids")
-    return [] if ids is None else [str(i) for i in ids]

@@ -80,6 +80,15 @@ def decode_alert(raw: bytes | str | None) -> dict[str, Any] | None:
         version = row["rule_version"]
         whole = isinstance(version, int) and not isinstance(version, bool)
         row["rule_version"] = version if whole and 0 < version < 2**63 else None
+        # Null where no model was loaded (and absent from alerts of older detectors); a value
+        # that is not a probability is not shown as one.
+        score = row["risk_score"]
+        valid = isinstance(score, int | float) and not isinstance(score, bool) \
+            and 0.0 <= score <= 1.0
+        row["risk_score"] = float(score) if valid else None
+        reasons = row["score_reasons"]
+        row["score_reasons"] = ([str(item) for item in reasons if item is not None]
+                                if isinstance(reasons, list) else None)
         return row
     except (ValueError, TypeError):
         return None

@@ -36,7 +36,10 @@ HEAD_BYTES = 256
 FRAME_COLUMNS = (
     "batch_id", "written_at", "input_rows", "valid_rows", "dlq_rows", "late_rows", "alerts",
     "batch_seconds", "rows_per_second", "latency_ms_p50", "latency_ms_p95", "latency_ms_max",
+    "model",
 )
+#: Columns that are not numbers.
+_OTHER_COLUMNS = ("written_at", "alerts", "model")
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,21 @@ def _frame(records: deque[dict[str, Any]] | list[dict[str, Any]]) -> pd.DataFram
     frame["written_at"] = pd.to_datetime(frame["written_at"], utc=True, errors="coerce",
                                          format="ISO8601")
     for column in FRAME_COLUMNS:
-        if column not in ("written_at", "alerts"):
+        if column not in _OTHER_COLUMNS:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    # The model the batch was scored with ("model 2026... (gbt, hold-out AUC 0.951)"); None
+    # on rules alone, and for lines of a detector from before the model.
+    frame["model"] = frame["model"].map(lambda v: v if isinstance(v, str) and v.strip()
+                                        else None).astype(object)
     return frame.dropna(subset=["written_at"]).reset_index(drop=True)
+
+
+def model_status(batches: pd.DataFrame) -> str | None:
+    """What the detector scored its newest batch with, from that batch's ``model`` key:
+    ``scoring with <model>`` or ``rules alone: no usable model``; None with no batch read."""
+    if batches.empty:
+        return None
+    model = batches["model"].iloc[-1] if "model" in batches.columns else None
+    if isinstance(model, str) and model:
+        return f"scoring with {model}"
+    return "rules alone: no usable model"

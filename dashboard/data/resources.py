@@ -19,21 +19,24 @@ import streamlit as st
 
 from dashboard.data.kafka import AlertTail, TailStatus
 from dashboard.data.metrics import MetricsSnapshot, MetricsTail
+from dashboard.data.model import ModelCatalog, ModelsSnapshot
 from dashboard.data.parquet import DLQ_VIEW_SCHEMA, TRANSACTION_VIEW_SCHEMA, DatasetCache
 from dashboard.data.rules import RulesStore
 from dashboard.data.verdicts import VerdictDesk, VerdictsSnapshot
 from dashboard.data.verdicts import analyst_precision as _analyst_precision
 from dashboard.data.views import count_by_rule, merge_alerts
-from fraudstream.datasets import ALERTS_SCHEMA
+from fraudstream.datasets import ALERTS_SCHEMA, RULE_CHANGES_SCHEMA
+from fraudstream.rules.ruleset import rules_in_force
 from fraudstream.schemas import (
     ALERTS_DATASET,
     DLQ_DATASET,
+    RULE_CHANGES_DATASET,
     RULES,
     TRANSACTIONS_DATASET,
     utc_now,
 )
 from fraudstream.settings import DashboardSettings
-from spark_job.quality import REPORT_COLUMNS, quality_report
+from spark_job.quality import REPORT_COLUMNS, definition_labels, quality_report
 
 _CONTEXT_KEY = "fraudstream.dashboard.context"
 #: Session-state key of the analyst's name (the sidebar input); recorded on every rule change
@@ -88,6 +91,11 @@ def _verdicts(url: str, client_config: tuple[tuple[str, str], ...], topic: str,
     return VerdictDesk(url, dict(client_config), topic, max_age=max_age)
 
 
+@st.cache_resource(show_spinner=False)
+def _models(models_dir: str, max_age: float) -> ModelCatalog:
+    return ModelCatalog(models_dir, max_age=max_age)
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _newest(root: str, version: int, limit: int, _table: pa.Table) -> pd.DataFrame:
     """The newest ``limit`` alerts of the history as pandas, converted once per version."""
@@ -129,6 +137,13 @@ def metrics(context: DashboardContext) -> MetricsSnapshot:
     return _metrics(str(context.settings.resolved_metrics_file)).refresh()
 
 
+def models(context: DashboardContext) -> ModelsSnapshot:
+    """The trained model versions under ``MODELS_DIR`` (listed again at most once per refresh
+    interval; a version's metrics.json read again only when it changed)."""
+    settings = context.settings
+    return _models(str(settings.models_dir), settings.refresh_seconds).snapshot()
+
+
 @dataclass(frozen=True)
 class LiveAlerts:
     alerts: pd.DataFrame  # history + tail, deduplicated, newest first, at most max_alerts
@@ -155,11 +170,20 @@ def live_alerts(context: DashboardContext) -> LiveAlerts:
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _quality(root: str, alerts_version: int, transactions_version: int,
-             spans: tuple[tuple[str, float], ...], _alerts: pa.Table, _transactions: pa.Table
-             ) -> pd.DataFrame:
+             spans: tuple[tuple[str, float], ...], labels: tuple[tuple[str, str], ...],
+             _alerts: pa.Table, _transactions: pa.Table) -> pd.DataFrame:
     labelled = _transactions.filter(pc.is_valid(_transactions["fraud_pattern"]))
     return quality_report(labelled.to_pandas(), _alerts.to_pandas(), dict(spans),
-                          as_of=pc.max(_transactions["event_time"]).as_py())
+                          as_of=pc.max(_transactions["event_time"]).as_py(),
+                          labels=dict(labels))
+
+
+def rule_labels(context: DashboardContext) -> dict[str, str]:
+    """What each rule in force is judged against, where it is not its own id (``ml_score``
+    rules: any fraud), from the detector's rule history."""
+    root = str(context.settings.parquet_dir)
+    history, _ = _dataset(root, RULE_CHANGES_DATASET, RULE_CHANGES_SCHEMA).refresh()
+    return definition_labels(rules_in_force(history.to_pylist()))
 
 
 def quality(context: DashboardContext) -> pd.DataFrame:
@@ -167,7 +191,8 @@ def quality(context: DashboardContext) -> pd.DataFrame:
     alerts, alerts_version = alert_history(context)
     txs, txs_version = transactions(context)
     return _quality(str(context.settings.parquet_dir), alerts_version, txs_version,
-                    tuple(sorted(context.spans.items())), alerts, txs)
+                    tuple(sorted(context.spans.items())),
+                    tuple(sorted(rule_labels(context).items())), alerts, txs)
 
 
 #: Bucket widths of quality over time, the first giving at most QUALITY_MAX_BUCKETS buckets.

@@ -61,8 +61,8 @@ UNREVIEWED: Final = "unreviewed"
 #: The choices of the review queue's verdict filter.
 QUEUE_VERDICTS: Final = (UNREVIEWED, *VERDICTS)
 #: Columns of the review queue table.
-QUEUE_COLUMNS: Final = ("verdict", "detected_at", "rule", "rule_version", "user_id",
-                        "total_amount", "risk_score", "reason", "analyst", "decided_at",
+QUEUE_COLUMNS: Final = ("verdict", "risk_score", "detected_at", "rule", "rule_version",
+                        "user_id", "total_amount", "reason", "analyst", "decided_at",
                         "alert_id")
 #: Columns of one alert's audit trail.
 TRAIL_COLUMNS: Final = ("decided_at", "analyst", "verdict", "note", "recorded_at")
@@ -248,10 +248,11 @@ def verdict_labels(alert_ids: pd.Series, snapshot: VerdictsSnapshot) -> pd.Serie
 
 def review_queue(alerts: pd.DataFrame, latest: Mapping[str, RecordedVerdict], *,
                  rules: Sequence[str] = (), verdicts: Sequence[str] = (),
-                 analysts: Sequence[str] = ()) -> pd.DataFrame:
+                 analysts: Sequence[str] = (), by_risk: bool = False) -> pd.DataFrame:
     """The alerts to work, with ``verdict``, ``analyst`` and ``decided_at`` of their newest
-    verdict: unreviewed first, then by ``risk_score`` (highest first) where alerts carry one,
-    then newest first. Empty filters keep everything; ``verdicts`` may hold ``unreviewed``."""
+    verdict: unreviewed first, then newest first; with ``by_risk``, highest ``risk_score``
+    first (alerts without one after every scored alert), then newest first. Empty filters
+    keep everything; ``verdicts`` may hold ``unreviewed``."""
     ids = alerts["alert_id"]
     queue = alerts.assign(
         verdict=ids.map(lambda i: latest[i].verdict if i in latest else UNREVIEWED)
@@ -269,10 +270,14 @@ def review_queue(alerts: pd.DataFrame, latest: Mapping[str, RecordedVerdict], *,
         keep &= queue["analyst"].isin(list(analysts))
     queue = queue[keep].assign(_reviewed=lambda q: q["verdict"] != UNREVIEWED)
     keys, ascending = ["_reviewed"], [True]
-    if "risk_score" in queue.columns:
-        queue["_risk"] = pd.to_numeric(queue["risk_score"], errors="coerce")
-        keys.append("_risk")
-        ascending.append(False)
+    if by_risk:
+        scores = (pd.to_numeric(queue["risk_score"], errors="coerce")
+                  if "risk_score" in queue.columns else pd.Series(float("nan"), queue.index))
+        # Sorted as a key of its own (scored first), so "nulls last" holds whatever the
+        # direction of the score itself.
+        queue = queue.assign(_unscored=scores.isna(), _risk=scores.fillna(0.0))
+        keys += ["_unscored", "_risk"]
+        ascending += [True, False]
     keys += ["detected_at", "alert_id"]
     ascending += [False, False]
     queue = queue.sort_values(keys, ascending=ascending, na_position="last", kind="stable")
@@ -280,10 +285,10 @@ def review_queue(alerts: pd.DataFrame, latest: Mapping[str, RecordedVerdict], *,
 
 
 def queue_table(queue: pd.DataFrame) -> pd.DataFrame:
-    """The queue's columns people read; ``risk_score`` only once alerts carry one."""
-    columns = [c for c in QUEUE_COLUMNS if c != "risk_score" or c in queue.columns]
-    table = queue.reindex(columns=columns)
+    """The queue's columns people read (``risk_score`` empty where an alert has none)."""
+    table = queue.reindex(columns=list(QUEUE_COLUMNS))
     table["rule_version"] = pd.to_numeric(table["rule_version"], errors="coerce").astype("Int64")
+    table["risk_score"] = pd.to_numeric(table["risk_score"], errors="coerce").astype("Float64")
     return table
 
 

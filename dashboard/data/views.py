@@ -28,8 +28,14 @@ TIME_RANGES: Mapping[str, timedelta | None] = {
 #: Bucket widths for "alerts over time", the first giving at most ~MAX_BUCKETS bars.
 BUCKETS = ("1s", "5s", "10s", "30s", "1min", "5min", "15min", "1h", "6h", "1D")
 MAX_BUCKETS = 90
-TABLE_COLUMNS = ("detected_at", "rule", "rule_version", "user_id", "transaction_count",
-                 "total_amount", "locations", "reason", "window_start", "window_end", "alert_id")
+TABLE_COLUMNS = ("detected_at", "rule", "rule_version", "risk_score", "user_id",
+                 "transaction_count", "total_amount", "locations", "reason", "window_start",
+                 "window_end", "alert_id")
+#: Bins of the risk-score distribution: 0-0.05, ..., 0.95-1 (as the trainer's hold-out one).
+SCORE_BINS = 20
+#: What the distribution shows when no alert in view has a score.
+NO_SCORES = ("No risk scores yet: no model is loaded (train one with "
+             "python -m spark_job.train)")
 
 
 def merge_alerts(history: pd.DataFrame, live: pd.DataFrame, limit: int) -> pd.DataFrame:
@@ -80,7 +86,44 @@ def alert_table(alerts: pd.DataFrame) -> pd.DataFrame:
     table["locations"] = table["locations"].map(_join)
     # Alerts written before rules had versions have none: shown empty, not as NaN or 0.
     table["rule_version"] = pd.to_numeric(table["rule_version"], errors="coerce").astype("Int64")
+    table["risk_score"] = risk_scores(table["risk_score"])
     return table
+
+
+def risk_scores(values: pd.Series) -> pd.Series:
+    """Risk scores as a nullable float column: sortable, and empty (not 0) where an alert has
+    none (no model was loaded when it was raised, or it predates the model)."""
+    return pd.to_numeric(values, errors="coerce").astype("Float64")
+
+
+def risk_score(value: object) -> float | None:
+    """One alert's ``risk_score`` as a float; None where it has none (null, NaN, not a number)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def score_reasons(value: object) -> list[str]:
+    """One alert's ``score_reasons`` as a list of strings (empty where it has none)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return []
+    return [str(item) for item in value if item is not None]
+
+
+def risk_text(alert: Mapping[str, object]) -> str:
+    """The alert's risk score and the features that raised it most, as plain text lines."""
+    score = risk_score(alert.get("risk_score"))
+    if score is None:
+        return "Risk score: none (no model was loaded when this alert was raised)"
+    lines = [f"Risk score: {score:.2f} (the model's fraud probability of the transaction "
+             "that fired the rule)"]
+    reasons = score_reasons(alert.get("score_reasons"))
+    if reasons:
+        lines.append("Top reasons:")
+        lines += [f"  {reason}" for reason in reasons]
+    return "\n".join(lines)
 
 
 def _join(items: Iterable[str] | None) -> str:
@@ -121,10 +164,14 @@ def alert_record(alert: Mapping[str, object]) -> dict[str, object]:
             value = value.tolist()
         elif isinstance(value, np.generic):
             value = value.item()
-        elif value is pd.NaT:
+        elif value is pd.NaT or value is pd.NA:
             value = None
         if name == "rule_version":
             value = rule_version(value)
+        elif name == "risk_score":
+            value = risk_score(value)
+        elif name == "score_reasons":
+            value = score_reasons(value) if isinstance(value, list | tuple) else None
         record[name] = value
     return record
 
@@ -142,6 +189,29 @@ def alerts_over_time(alerts: pd.DataFrame) -> pd.DataFrame:
     buckets = times.dt.floor(width)
     return (alerts.assign(bucket=buckets).groupby(["bucket", "rule"]).size()
             .rename("alerts").reset_index())
+
+
+def score_distribution(alerts: pd.DataFrame, groups: pd.Series, bins: int = SCORE_BINS
+                       ) -> pd.DataFrame:
+    """How many alerts fall in each risk-score bin, per group (``groups``: a label per alert,
+    e.g. its rule or its verdict): ``start, end, bin, group, alerts``, only non-empty cells.
+    Alerts without a score are left out; empty when none has one. A score of exactly 1 falls
+    in the last bin."""
+    columns = ["start", "end", "bin", "group", "alerts"]
+    if alerts.empty or "risk_score" not in alerts.columns:
+        return pd.DataFrame(columns=columns)
+    scores = pd.to_numeric(alerts["risk_score"], errors="coerce")
+    keep = scores.notna() & (scores >= 0) & (scores <= 1)
+    if not keep.any():
+        return pd.DataFrame(columns=columns)
+    index = np.minimum((scores[keep].to_numpy(dtype=float) * bins).astype(int), bins - 1)
+    frame = pd.DataFrame({"index": index, "group": groups[keep].astype(str).to_numpy()})
+    counts = frame.groupby(["index", "group"]).size().rename("alerts").reset_index()
+    counts["start"] = counts["index"] / bins
+    counts["end"] = (counts["index"] + 1) / bins
+    counts["bin"] = [f"{a:.2f}-{b:.2f}" for a, b in zip(counts["start"], counts["end"],
+                                                        strict=True)]
+    return counts.sort_values(["index", "group"]).reset_index(drop=True)[columns]
 
 
 def top_users(alerts: pd.DataFrame, n: int = 15) -> pd.DataFrame:

@@ -21,12 +21,16 @@ import streamlit as st
 
 from dashboard.data.kafka import TailStatus
 from dashboard.data.views import (
+    NO_SCORES,
+    SCORE_BINS,
     Kpis,
     alert_locations,
     alerts_over_time,
     amount_distribution,
     evidence,
     latency_over_time,
+    risk_text,
+    score_distribution,
     top_users,
 )
 from fraudstream.rules.kinds import hex_colour
@@ -219,9 +223,77 @@ def show_outcome(key: str, place: str) -> None:
     getattr(st, level)(text, icon=_MESSAGE_ICONS[level])
 
 
-def evidence_table(transactions: pa.Table, ids: Iterable[str], key: str | None = None) -> None:
-    """An alert's evidence: its transactions as found in the Parquet history."""
-    ids = list(ids)
+#: Column settings of every table that lists alerts (live, review queue, backtest changes).
+RISK_COLUMN = st.column_config.NumberColumn(
+    "risk", format="%.2f", help="the model's fraud probability of the transaction that fired "
+    "the rule (empty: no model was loaded)")
+#: Missing values in alert tables: an empty cell (a risk score, a rule version, a verdict).
+EMPTY = ""
+
+#: Labels of the score bins, in order (every bin on the axis, even an empty one).
+_BIN_LABELS = [f"{i / SCORE_BINS:.2f}-{(i + 1) / SCORE_BINS:.2f}" for i in range(SCORE_BINS)]
+#: Colours of the verdict split: the verdicts' meaning, not a rule's colour.
+VERDICT_COLOURS = {"fraud": "#d62728", "legit": "#1f77b4", "unsure": "#ff7f0e",
+                   "unreviewed": "#7f7f7f"}
+
+
+def score_distribution_figure(alerts: pd.DataFrame, groups: pd.Series, by: str
+                              ) -> go.Figure | None:
+    """A histogram of the alerts' risk scores, stacked by ``groups`` (``by``: "rule" or
+    "verdict"); None when no alert has a score."""
+    data = score_distribution(alerts, groups)
+    if data.empty:
+        return None
+    colours = rule_colours(data["group"]) if by == "rule" else {
+        html.escape(group): VERDICT_COLOURS.get(group, "#7f7f7f") for group in data["group"]}
+    data["group"] = plot_text(data["group"])
+    figure = px.bar(data, x="bin", y="alerts", color="group", color_discrete_map=colours,
+                    category_orders={"bin": _BIN_LABELS},
+                    labels={"bin": "risk score", "alerts": "alerts", "group": by})
+    figure.update_layout(barmode="stack", bargap=0.05)
+    figure.update_xaxes(type="category")
+    return _layout(figure, f"Risk score of the alerts in view, by {by}")
+
+
+def holdout_histogram_figure(data: pd.DataFrame) -> go.Figure:
+    """The trained model's scores on its hold-out, fraud vs legit, each as a share of its
+    group (fraud is rare: raw counts would hide its bars); counts on hover."""
+    title = "Hold-out risk scores: fraud vs legit transactions"
+    if data.empty:
+        return _empty(title, "no score histogram in the model's metrics.json")
+    figure = px.bar(data, x="bin", y="share", color="group", barmode="group",
+                    hover_data=["count"], category_orders={"bin": list(dict.fromkeys(
+                        data["bin"])), "group": ["fraud", "legit"]},
+                    color_discrete_map={"fraud": VERDICT_COLOURS["fraud"],
+                                        "legit": VERDICT_COLOURS["legit"]},
+                    labels={"bin": "risk score", "share": "share of group"})
+    figure.update_xaxes(type="category")
+    figure.update_yaxes(tickformat=".0%")
+    return _layout(figure, title)
+
+
+def score_distribution_chart(alerts: pd.DataFrame, groups: pd.Series, by: str) -> None:
+    """The distribution, or the one line saying why there is none."""
+    figure = score_distribution_figure(alerts, groups, by)
+    if figure is None:
+        st.info(NO_SCORES, icon=":material/insights:")
+        return
+    scored = int(pd.to_numeric(alerts["risk_score"], errors="coerce").notna().sum())
+    chart(figure)
+    unscored = len(alerts) - scored
+    st.caption(f"{scored:,} of {len(alerts):,} alerts in view carry a risk score"
+               + (f"; {unscored:,} {'was' if unscored == 1 else 'were'} raised while no model "
+                  "was loaded." if unscored else "."))
+
+
+def evidence_table(transactions: pa.Table, alert: Mapping[str, object],
+                   key: str | None = None) -> None:
+    """An alert's evidence: its risk score with the features that raised it most, then its
+    transactions as found in the Parquet history. ``alert`` is an alert row (live, queue or
+    backtest)."""
+    st.text(risk_text(alert))
+    raw = alert.get("transaction_ids")
+    ids = [str(i) for i in raw] if isinstance(raw, Iterable) and not isinstance(raw, str) else []
     found = evidence(transactions, ids)
     st.text(f"Evidence: {len(found)} of {len(ids)} transactions found in the Parquet history")
     st.dataframe(found, hide_index=True, key=key, column_config={

@@ -1,5 +1,6 @@
-"""Live alerts: newest first with each alert's current verdict, refreshed in place; filters; one
-alert's evidence, its verdicts, and buttons to give one."""
+"""Live alerts: newest first with each alert's current verdict and risk score, refreshed in
+place; filters; the distribution of the risk scores in view; one alert's evidence with the
+reasons for its score, its verdicts, and buttons to give one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.data import resources
-from dashboard.data.verdicts import VerdictsSnapshot, verdict_labels
+from dashboard.data.verdicts import UNREVIEWED, VerdictsSnapshot, verdict_labels
 from dashboard.data.views import (
     TIME_RANGES,
     alert_label,
@@ -17,12 +18,15 @@ from dashboard.data.views import (
     kpis,
 )
 from dashboard.screens._charts import (
+    EMPTY,
+    RISK_COLUMN,
     alerts_over_time_figure,
     chart,
     evidence_table,
     kafka_banner,
     kpi_values,
     metric_rows,
+    score_distribution_chart,
 )
 from dashboard.screens._verdicts import (
     analyst_hint,
@@ -80,14 +84,23 @@ def verdict_panel(alert_id: str, snapshot: VerdictsSnapshot) -> None:
 
 def alert_detail(alert: pd.Series, snapshot: VerdictsSnapshot) -> None:
     record = alert_record(alert)
-    ids = record["transaction_ids"] or []
     left, right = st.columns([2, 3])
     with left:
         st.text("Alert")
         st.json(record)
     with right:
-        evidence_table(resources.transactions(context)[0], ids)
+        evidence_table(resources.transactions(context)[0], record)
     verdict_panel(str(record["alert_id"]), snapshot)
+
+
+def score_chart(shown: pd.DataFrame, verdicts: pd.Series) -> None:
+    """The risk scores of the alerts in view: split by verdict once any of them has one,
+    by rule before that."""
+    reviewed = verdicts.notna() & (verdicts != UNREVIEWED)
+    if reviewed.any():
+        score_distribution_chart(shown, verdicts.fillna(UNREVIEWED), "verdict")
+    else:
+        score_distribution_chart(shown, shown["rule"], "rule")
 
 
 @st.fragment(run_every=settings.refresh_seconds)
@@ -112,7 +125,7 @@ def live() -> None:
                f"{settings.refresh_seconds:g} s.")
     table = alert_table(shown.head(TABLE_ROWS))
     table.insert(1, "verdict", verdict_labels(table["alert_id"], snapshot))
-    st.dataframe(table, hide_index=True, key="live.table",
+    st.dataframe(table, hide_index=True, key="live.table", placeholder=EMPTY,
                  column_config={
                      "detected_at": st.column_config.DatetimeColumn(
                          "detected at", format="YYYY-MM-DD HH:mm:ss"),
@@ -120,6 +133,7 @@ def live() -> None:
                          "verdict", help="the newest analyst verdict on the alert"),
                      "rule_version": st.column_config.NumberColumn(
                          "version", format="%d", help="version of the rule that fired"),
+                     "risk_score": RISK_COLUMN,
                      "user_id": st.column_config.TextColumn("user"),
                      "transaction_count": st.column_config.NumberColumn("txs"),
                      "total_amount": st.column_config.NumberColumn("total", format="%.2f"),
@@ -129,6 +143,7 @@ def live() -> None:
                          "window end", format="HH:mm:ss"),
                  })
     chart(alerts_over_time_figure(shown))
+    score_chart(shown, verdict_labels(shown["alert_id"], snapshot))
 
     st.subheader("Alert detail")
     picked = st.session_state.get("live.alert")

@@ -1,10 +1,12 @@
-"""Overview: pipeline KPIs from the detector's metrics and charts over the alerts in memory."""
+"""Overview: the model the detector scores with and pipeline KPIs, from the detector's metrics;
+charts over the alerts in memory."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from dashboard.data import resources
+from dashboard.data.metrics import model_status
 from dashboard.data.views import evidence_ids, kpis
 from dashboard.screens._charts import (
     alerts_by_rule_figure,
@@ -31,6 +33,9 @@ def overview() -> None:
     data = resources.live_alerts(context)
     snapshot = resources.metrics(context)
     kafka_banner(data.status)
+    status = model_status(snapshot.batches)
+    # From the metrics file (a string the detector wrote): plain text, never Markdown.
+    st.text("Model: " + (status or "unknown (no batch in the detector's metrics yet)"))
     values = kpi_values(kpis(snapshot.batches, data.alerts, data.now))
     metric_rows({
         **{k: values[k] for k in ("Transactions/s in", "Alerts/min (5 min)", "Last batch")},

@@ -1,8 +1,10 @@
 """Detection quality: precision and recall per rule against the producer's labels, over the
 Parquet history (the numbers ``python -m spark_job.quality`` prints), and beside them the
 analysts' precision from their verdicts: labels exist only for generated traffic, verdicts for
-real traffic too. Below, the same label-based figures per bucket of event time (one line chart
-per rule), to see a rule drift or a change take effect."""
+real traffic too. Then the newest trained model against the rules on its hold-out (its
+metrics.json): rules alone, model alone and rules + model at the rules' recall. Below, the same
+label-based figures per bucket of event time (one line chart per rule), to see a rule drift or a
+change take effect."""
 
 from __future__ import annotations
 
@@ -11,7 +13,28 @@ import plotly.express as px
 import streamlit as st
 
 from dashboard.data import resources
-from dashboard.screens._charts import chart, plot_text
+from dashboard.data.model import (
+    TRAIN_COMMAND,
+    ModelsSnapshot,
+    candidates_table,
+    comparison_recall,
+    comparison_table,
+    histogram_frame,
+    holdout_text,
+    model_text,
+    number,
+    per_rule_table,
+    ratio_text,
+    score_text,
+    versions_table,
+)
+from dashboard.screens._charts import (
+    chart,
+    code_span,
+    holdout_histogram_figure,
+    metric_rows,
+    plot_text,
+)
 from dashboard.screens._verdicts import read_only_banner
 from fraudstream.rules.kinds import hex_colour
 from spark_job.quality import format_ratio
@@ -74,6 +97,74 @@ else:
     figure.update_yaxes(tickformat=".0%")
     chart(figure)
 
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+def _skipped(models: ModelsSnapshot) -> None:
+    for version in models.skipped:
+        st.text(f"Not used: version {version.name}: {version.state}")
+
+
+def model_section(models: ModelsSnapshot) -> None:
+    """The newest trained version against the rules, on its own hold-out (metrics.json)."""
+    st.subheader("Rules alone vs rules + model")
+    version = models.newest
+    if version is None:
+        st.info(f"No trained model under {code_span(str(models.models_dir))} yet: train one "
+                f"with {code_span(TRAIN_COMMAND)} and its figures appear here.",
+                icon=":material/model_training:")
+        _skipped(models)
+        return
+    metrics = version.metrics
+    recall = comparison_recall(metrics)
+    st.caption(
+        f"From the newest trained version's metrics.json, measured by the trainer on its "
+        f"hold-out. At the rules' recall on the hold-out ({recall}): the precision of the rules "
+        f"alone, of the model alone (flagging the transactions it scores at or above the "
+        f"threshold that reaches that recall) and of rules + model (rule alerts the model "
+        f"scores very low are dropped, transactions it scores very high are added). Labels: "
+        f"the producer's ground truth, overridden by analysts' verdicts.")
+    # Strings from the file: plain text, never Markdown.
+    st.text(model_text(version))
+    st.text(holdout_text(metrics))
+    threshold = number(metrics.get("threshold_at_recall_0_9"))
+    metric_rows({
+        "Model AUC (hold-out)": score_text(metrics.get("auc")),
+        "Precision at recall 90%": ratio_text(metrics.get("precision_at_recall_0_9")),
+        "Threshold at recall 90%": score_text(threshold),
+        "Rules' recall (hold-out)": recall,
+    }, per_row=4)
+    st.dataframe(comparison_table(metrics), hide_index=True, key="quality.model.comparison",
+                 column_config={
+                     "threshold": st.column_config.TextColumn(
+                         "threshold", help="the score thresholds that reach the rules' recall"),
+                 })
+    chart(holdout_histogram_figure(histogram_frame(metrics)))
+    candidates = candidates_table(metrics)
+    per_rule = per_rule_table(metrics)
+    if not per_rule.empty:
+        st.text("The rules on the same hold-out")
+        st.dataframe(per_rule, hide_index=True, key="quality.model.rules", column_config={
+            "flagged": st.column_config.NumberColumn(
+                "flagged", help="hold-out transactions in the evidence of the rule's alerts"),
+        })
+    if not candidates.empty:
+        st.text("Algorithms tried (the better on the hold-out is kept)")
+        st.dataframe(candidates, hide_index=True, key="quality.model.candidates",
+                     column_config={"precision_at_recall_0_9": st.column_config.TextColumn(
+                         "precision at recall 90%")})
+    _skipped(models)
+    with st.expander(f"Every trained version ({len(models.versions)})",
+                     key="quality.model.versions"):
+        st.dataframe(versions_table(models), hide_index=True, key="quality.model.versions.table",
+                     column_config={"precision_at_recall_0_9": st.column_config.TextColumn(
+                         "precision at recall 90%")})
+    st.text("Train a new version (the running detector takes it between batches):")
+    st.code(f"{TRAIN_COMMAND} --models-dir {models.models_dir}", language="bash")
+
+
+model_section(resources.models(context))
 
 
 def width_text(width: pd.Timedelta) -> str:

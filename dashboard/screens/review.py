@@ -1,15 +1,16 @@
 """Review queue: the alerts nobody has given a verdict yet come first, one at a time, with what a
-decision needs (reason, user, amount, rule and version, evidence) and a form worked from the
-keyboard: pick the verdict, type a note, press Enter. Once a verdict is recorded the next
-unreviewed alert comes up.
+decision needs (reason, user, amount, rule and version, risk score and its reasons, evidence)
+and a form worked from the keyboard: pick the verdict, type a note, press Enter. Once a verdict
+is recorded the next unreviewed alert comes up.
+
+Order: newest first until the verdict store holds a verdict; from then on highest risk score
+first (alerts without a score after every scored one), then newest. The page says which.
 
 The alert under review is kept in session state, not re-derived on every run: alerts arriving
 meanwhile (or someone else's verdicts) never swap the alert out from under the analyst.
 """
 
 from __future__ import annotations
-
-import math
 
 import pandas as pd
 import streamlit as st
@@ -24,7 +25,7 @@ from dashboard.data.verdicts import (
     review_queue,
 )
 from dashboard.data.views import alert_label, alert_record, rule_version
-from dashboard.screens._charts import code_span, evidence_table, kafka_banner
+from dashboard.screens._charts import EMPTY, RISK_COLUMN, code_span, evidence_table, kafka_banner
 from dashboard.screens._verdicts import (
     analyst_hint,
     read_only_banner,
@@ -44,6 +45,11 @@ PICKER_ROWS = 200
 _CURRENT = "review.current"
 _PICK = "review.pick"
 _PLACE = "review"
+#: The line saying which order the queue is in.
+ORDER_BY_RISK = ("Order: unreviewed first, then highest risk score first (alerts without a "
+                 "score after every scored one), then newest first.")
+ORDER_NEWEST = ("Order: unreviewed first, then newest first (the queue is ordered by risk "
+                "score once the verdict store holds a verdict).")
 
 context = resources.get_context()
 settings = context.settings
@@ -98,25 +104,22 @@ def _facts(alert: pd.Series) -> str:
         ("Reason", str(record["reason"] or "")),
         ("Window", f"{record['window_start']} → {record['window_end']}"),
         ("Detected", str(record["detected_at"])),
+        ("Evidence", ", ".join(ids) if ids else "(none)"),
+        ("Alert id", str(record["alert_id"])),
     ]
-    risk = alert.get("risk_score")
-    if isinstance(risk, int | float) and not math.isnan(risk):
-        lines.append(("Risk score", f"{risk:.2f}"))
-    lines.append(("Evidence", ", ".join(ids) if ids else "(none)"))
-    lines.append(("Alert id", str(record["alert_id"])))
     return "\n".join(f"{name}: {value}" for name, value in lines)
 
 
-def review_panel(alert: pd.Series, snapshot: VerdictsSnapshot, next_id: str | None,
-                 can_record: bool) -> None:
+def review_panel(alert: pd.Series, snapshot: VerdictsSnapshot, can_record: bool, *,
+                 after_decision: str | None, after_skip: str | None) -> None:
+    """The alert's facts, evidence and verdicts, and the form; ``after_decision`` and
+    ``after_skip`` are the alerts that come up next."""
     alert_id = str(alert["alert_id"])
     left, right = st.columns([2, 3])
     with left:
         st.text(_facts(alert))
     with right:
-        ids = alert["transaction_ids"]
-        ids = [] if ids is None else list(ids)
-        evidence_table(resources.transactions(context)[0], ids,
+        evidence_table(resources.transactions(context)[0], alert,
                        key=f"review.evidence.{alert_id}")
     verdict_trail(desk, snapshot, alert_id, key=f"review.trail.{alert_id}")
 
@@ -128,15 +131,14 @@ def review_panel(alert: pd.Series, snapshot: VerdictsSnapshot, next_id: str | No
                       placeholder="why (optional); Enter records the verdict")
         st.form_submit_button("Record verdict", type="primary", key=f"review.submit.{alert_id}",
                               disabled=not can_record, on_click=_decide,
-                              args=(alert_id, next_id))
+                              args=(alert_id, after_decision))
     st.button("Skip to the next unreviewed alert", key="review.skip", on_click=_skip,
-              args=(next_id,), disabled=next_id is None)
+              args=(after_skip,), disabled=after_skip is None)
 
 
 st.title("Review queue")
 st.caption(
-    f"Alerts without a verdict come first (highest risk score first where alerts carry one, "
-    f"then newest first), then the reviewed ones. A verdict is stored in "
+    f"Alerts without a verdict come first, then the reviewed ones. A verdict is stored in "
     f"{code_span(desk.display_url)} and published to {code_span(desk.topic)}; the newest "
     f"verdict on an alert is the one that counts, and every earlier one stays in its audit trail."
 )
@@ -162,11 +164,19 @@ analysts = analyst_col.multiselect(
                       | set(st.session_state.get("review.analysts") or [])),
     key="review.analysts", placeholder="Anyone",
     help="who gave the newest verdict (unreviewed alerts have nobody)")
+# By risk score once analysts have started deciding (the store holds any verdict); newest
+# first before that. A decision puts a verdict in the store, so the alert that comes up after
+# one is the next in the risk order, even when this one is the first.
+by_risk = bool(snapshot.latest)
 queue = review_queue(data.alerts, snapshot.latest, rules=rules, verdicts=verdicts,
-                     analysts=analysts)
+                     analysts=analysts, by_risk=by_risk)
+queue_after_decision = queue if by_risk else review_queue(
+    data.alerts, snapshot.latest, rules=rules, verdicts=verdicts, analysts=analysts,
+    by_risk=True)
 unreviewed = int((queue["verdict"] == UNREVIEWED).sum())
 st.caption(f"{len(queue):,} matching alerts, {unreviewed:,} of them unreviewed (of "
            f"{len(data.alerts):,} alerts in memory; the table shows up to {TABLE_ROWS}).")
+st.text(ORDER_BY_RISK if by_risk else ORDER_NEWEST)
 
 by_id = queue.set_index("alert_id", drop=False)
 current_id = st.session_state.get(_CURRENT)
@@ -183,7 +193,9 @@ else:
     current = by_id.loc[current_id]
     st.text(alert_label(current) + ("" if current["verdict"] == UNREVIEWED
                                     else f" · {current['verdict']} by {current['analyst']}"))
-    review_panel(current, snapshot, next_unreviewed(queue, current_id), can_record)
+    review_panel(current, snapshot, can_record,
+                 after_decision=next_unreviewed(queue_after_decision, current_id),
+                 after_skip=next_unreviewed(queue, current_id))
 
 st.subheader("Queue")
 choices = list(queue["alert_id"].head(PICKER_ROWS))
@@ -192,7 +204,7 @@ st.selectbox("Jump to alert", choices, index=None, key=_PICK, on_change=_jump,
                                           f"{alert_label(by_id.loc[alert_id])}",
              placeholder="Choose an alert to review it")
 st.dataframe(queue_table(queue.head(TABLE_ROWS)), hide_index=True, key="review.table",
-             column_config={
+             placeholder=EMPTY, column_config={
                  "verdict": st.column_config.TextColumn("verdict"),
                  "detected_at": st.column_config.DatetimeColumn(
                      "detected at", format="YYYY-MM-DD HH:mm:ss"),
@@ -200,7 +212,7 @@ st.dataframe(queue_table(queue.head(TABLE_ROWS)), hide_index=True, key="review.t
                      "version", format="%d", help="version of the rule that fired"),
                  "user_id": st.column_config.TextColumn("user"),
                  "total_amount": st.column_config.NumberColumn("total", format="%.2f"),
-                 "risk_score": st.column_config.NumberColumn("risk", format="%.2f"),
+                 "risk_score": RISK_COLUMN,
                  "analyst": st.column_config.TextColumn("analyst",
                                                         help="who gave the newest verdict"),
                  "decided_at": st.column_config.DatetimeColumn(

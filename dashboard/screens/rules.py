@@ -31,7 +31,14 @@ from dashboard.data.rules import (
     rules_in_force,
 )
 from dashboard.data.views import alert_record
-from dashboard.screens._charts import code_span, evidence_table, metric_rows, show_outcome
+from dashboard.screens._charts import (
+    EMPTY,
+    RISK_COLUMN,
+    code_span,
+    evidence_table,
+    metric_rows,
+    show_outcome,
+)
 from fraudstream.rules.definition import RuleDefinition
 from fraudstream.rules.kinds import KINDS, Param, RuleKind
 from fraudstream.schemas import format_timestamp
@@ -395,9 +402,11 @@ def backtest_results(run: bt.BacktestRun, can_publish: bool) -> None:
             f"raises them), {len(changes) - added:,} removed (only the live detector raised "
             "them)")
     if not changes.empty:
-        st.dataframe(changes.drop(columns=["transaction_ids"]), hide_index=True,
-                     key="rules.backtest.changes", column_config={
+        st.dataframe(changes.drop(columns=["transaction_ids", "score_reasons"]),
+                     hide_index=True, key="rules.backtest.changes", placeholder=EMPTY,
+                     column_config={
                          "rule_version": st.column_config.NumberColumn("version", format="%d"),
+                         "risk_score": RISK_COLUMN,
                          "window_start": st.column_config.DatetimeColumn(
                              "window start", format="iso8601"),
                          "window_end": st.column_config.DatetimeColumn(
@@ -411,13 +420,12 @@ def backtest_results(run: bt.BacktestRun, can_publish: bool) -> None:
                               format_func=lambda i: bt.change_label(changes.loc[i]),
                               placeholder="Choose an added or removed alert to see its evidence")
         if picked is not None:
-            alert = changes.loc[picked]
-            ids = bt.evidence_ids(alert)
+            record = alert_record(changes.loc[picked])
             left, right = st.columns([2, 3])
             with left:
-                st.json(alert_record(alert))
+                st.json(record)
             with right:
-                evidence_table(resources.transactions(context)[0], ids,
+                evidence_table(resources.transactions(context)[0], record,
                                key="rules.backtest.evidence")
 
     publish_col, discard_col, _ = st.columns([2, 1, 3])

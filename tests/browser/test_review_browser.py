@@ -51,6 +51,7 @@ from fraudstream.verdicts.store import VerdictStore
 
 ANALYST = "Browser Analyst"
 NOTE = "customer confirmed the card was stolen"
+SCORE_REASON = "amount vs the user's median 40x (+0.52)"
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
@@ -81,7 +82,12 @@ def write_alerts(root: Path) -> list[dict[str, Any]]:
     burst = [_transaction(f"rb-burst-{i}", "u-review-burst", 300 - 10 * i, 20.0 + i)
              for i in range(4)]
     older = _transaction("rb-older", "u-review-older", 900, 3900.0)
-    alerts = [_alert(HIGH_VALUE, [big], 50), _alert(VELOCITY, burst, 250),
+    # Scored as the model would (the oldest alert was raised before there was a model), so
+    # the risk order once a verdict exists is also the newest-first order.
+    alerts = [{**_alert(HIGH_VALUE, [big], 50), "risk_score": 0.91,
+               "score_reasons": [SCORE_REASON, "new device (+0.18)"]},
+              {**_alert(VELOCITY, burst, 250), "risk_score": 0.47,
+               "score_reasons": ["transactions in 1 min 4 (+0.21)"]},
               _alert(HIGH_VALUE, [older], 890)]
     for dataset, rows, schema in ((TRANSACTIONS_DATASET, [big, *burst, older],
                                    TRANSACTIONS_SCHEMA),
@@ -127,6 +133,12 @@ def test_record_a_verdict_from_the_queue_and_find_it_after_a_restart(
         page.get_by_role("heading", name="Review queue").wait_for()
         wait_until(lambda: {u: r["verdict"] for u, r in queue_rows(page).items()} ==
                    {a["user_id"]: "unreviewed" for a in alerts}, "three unreviewed alerts")
+        # The risk score as 0.00, an empty cell where there is none; the reasons beside the
+        # evidence of the alert under review.
+        assert {u: r["risk"] for u, r in queue_rows(page).items()} == {
+            "u-review-big": "0.91", "u-review-burst": "0.47", "u-review-older": ""}
+        page.get_by_text("Risk score: 0.91").first.wait_for()
+        page.get_by_text(SCORE_REASON).first.wait_for()
         assert page.get_by_text("Enter your name as Analyst").count() == 1
 
         name = page.get_by_role("textbox", name="Analyst")

@@ -26,10 +26,12 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard.cli import main as cli_main
 from dashboard.cli import streamlit_command
-from dashboard.data.metrics import MetricsTail
+from dashboard.data import backtest as bt
+from dashboard.data.kafka import decode_alert
+from dashboard.data.metrics import MetricsTail, model_status
 from dashboard.data.parquet import DatasetCache
 from dashboard.data.resources import ANALYST_KEY
-from dashboard.data.views import alerts_over_time, amount_distribution, count_by_rule
+from dashboard.data.views import NO_SCORES, alerts_over_time, amount_distribution, count_by_rule
 from fraudstream.broker import EmbeddedBroker, free_port
 from fraudstream.datasets import (
     ALERTS_SCHEMA,
@@ -948,6 +950,382 @@ def test_a_running_backtest_can_be_cancelled(rules_page: Callable[..., RulesPage
     page.app.button(key="rules.backtest.dismiss").click()
     page.run()
     assert not run.folder.exists(), "its files are removed"
+
+
+# --- the model: risk scores, the queue's order, the model's status and figures ------------------
+
+MODEL_LINE = "model 20261202T061500Z (gbt, hold-out AUC 0.951)"
+ML_SCORE = "ml_score"
+#: How alerts were written before the model: the unscored alert is in such a file.
+PRE_MODEL_SCHEMA = pa.schema([f for f in ALERTS_SCHEMA
+                              if f.name not in ("risk_score", "score_reasons")])
+
+
+def scored(alert: dict[str, Any], score: float, *reasons: str) -> dict[str, Any]:
+    return {**alert, "risk_score": score, "score_reasons": list(reasons)}
+
+
+# Five alerts; newest first: C, A, E, B, D. By risk score: D, B, A, E, then C (none).
+SCORED_A_TX = transaction("sa1", "u-score-a", 120, 4100.0, "Paris", HIGH_VALUE)
+SCORED_B_TXS = [transaction(f"sb{i}", "u-score-b", 260 - i * 10, 15.0, "Lyon", VELOCITY)
+                for i in range(4)]
+SCORED_C_TX = transaction("sc1", "u-score-c", 70, 3900.0, "Nice")
+SCORED_D_TX = transaction("sd1", "u-score-d", 320, 80.0, "Oslo")
+SCORED_E_TXS = [transaction(f"se{i}", "u-score-e", 200 - i * 10, 30.0, "Rome") for i in range(4)]
+SCORED_A = scored(make_alert(HIGH_VALUE, [SCORED_A_TX], 100), 0.42, "amount 4100.00 (+0.20)")
+SCORED_B = scored(make_alert(VELOCITY, SCORED_B_TXS, 200), 0.93,
+                  "transactions in 1 min 4 (+0.41)", "new location (+0.12)")
+UNSCORED_C = make_alert(HIGH_VALUE, [SCORED_C_TX], 50)
+SCORED_D = scored(make_alert(ML_SCORE, [SCORED_D_TX], 300), 0.97,
+                  "amount vs the user's median 9.5x (+0.55)")
+SCORED_E = scored(make_alert(VELOCITY, SCORED_E_TXS, 150), 0.07,
+                  "transactions in 1 min 4 (+0.02)")
+NEWEST_FIRST = ["u-score-c", "u-score-a", "u-score-e", "u-score-b", "u-score-d"]
+BY_RISK = ["u-score-d", "u-score-b", "u-score-a", "u-score-e", "u-score-c"]
+
+#: The newest model version's metrics.json, as the trainer writes it.
+HOLDOUT_METRICS: dict[str, Any] = {
+    "version": "20261202T061500Z", "algorithm": "gbt",
+    "trained_at": "2026-12-02T06:15:00.000Z", "training_seconds": 84.2,
+    "data": {"from": "2026-11-30T00:00:00.000Z", "to": "2026-12-02T06:00:00.000Z",
+             "transactions": 250_000, "labelled": 250_000, "train_rows": 200_000,
+             "holdout_rows": 50_000, "holdout_from": "2026-12-01T20:00:00.000Z",
+             "fraud_share_train": 0.021, "fraud_share_holdout": 0.019,
+             "labels_from_verdicts": 12},
+    "auc": 0.951, "precision_at_recall_0_9": 0.812, "threshold_at_recall_0_9": 0.42,
+    "candidates": {"gbt": {"auc": 0.951, "precision_at_recall_0_9": 0.812},
+                   "logistic_regression": {"auc": 0.903, "precision_at_recall_0_9": 0.55}},
+    "rules": {"precision": 0.70, "recall": 0.835,
+              "per_rule": {VELOCITY: {"precision": 0.68, "recall": 0.84, "flagged": 1200},
+                           HIGH_VALUE: {"precision": 0.75, "recall": 0.81, "flagged": 300}}},
+    "comparison": {
+        "recall": 0.835,
+        "rules_alone": {"precision": 0.70, "recall": 0.835},
+        "model_alone": {"precision": 0.874, "recall": 0.836, "threshold": 0.53},
+        "rules_plus_model": {"precision": 0.912, "recall": 0.838, "veto_threshold": 0.05,
+                             "add_threshold": 0.93},
+    },
+    "score_histogram": {"edges": [round(i / 20, 2) for i in range(21)],
+                        "fraud": [0] * 15 + [5, 10, 15, 20, 50],
+                        "legit": [600, 200, 100, 50, 25, 10, 5, 4, 3, 2, 1] + [0] * 9},
+}
+
+
+def write_version(models: Path, name: str, metrics: dict[str, Any] | None,
+                  complete: bool = True) -> None:
+    """One model version folder: metrics.json, and model.json last unless still being written
+    (its content does not matter to the dashboard)."""
+    folder = models / name
+    folder.mkdir(parents=True)
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    if complete:
+        (folder / "model.json").write_text("{}")
+
+
+@pytest.fixture(scope="module")
+def scored_history(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scored-parquet")
+    txs = [SCORED_A_TX, *SCORED_B_TXS, SCORED_C_TX, SCORED_D_TX, *SCORED_E_TXS]
+    write_batch(root, TRANSACTIONS_DATASET, 0, txs, TRANSACTIONS_SCHEMA)
+    write_batch(root, ALERTS_DATASET, 0, [UNSCORED_C], PRE_MODEL_SCHEMA)
+    write_batch(root, ALERTS_DATASET, 1, [SCORED_A, SCORED_B, SCORED_D, SCORED_E], ALERTS_SCHEMA)
+    metrics = root / METRICS_FOLDER / METRICS_FILE_NAME
+    metrics.parent.mkdir(parents=True)
+    lines = [{"batch_id": i, "written_at": format_timestamp(NOW - timedelta(seconds=30 - 10 * i)),
+              "input_rows": 10, "valid_rows": 10, "dlq_rows": 0, "late_rows": 0, "alerts": {},
+              "model": None if i == 0 else MODEL_LINE} for i in range(3)]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An older version, the newest complete one, one still being written, a hidden one."""
+    models = tmp_path_factory.mktemp("models")
+    write_version(models, "20261201T000000Z", {"version": "20261201T000000Z",
+                                               "algorithm": "logistic_regression", "auc": 0.88})
+    write_version(models, "20261202T061500Z", HOLDOUT_METRICS)
+    write_version(models, "20261203T000000Z", {"version": "20261203T000000Z"}, complete=False)
+    write_version(models, ".20261204T000000Z", {"version": "hidden"})
+    return models
+
+
+@pytest.fixture
+def scored_app(monkeypatch: pytest.MonkeyPatch, unique_topics: dict[str, str],
+               scored_history: Path, models_dir: Path) -> Callable[..., AppTest]:
+    """The app over the scored history, an empty alerts topic of the test's own, and
+    ``models`` (default: the model versions above) as MODELS_DIR."""
+    def make(models: Path | None = None) -> AppTest:
+        for name, value in unique_topics.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("PARQUET_DIR", str(scored_history))
+        monkeypatch.setenv("MODELS_DIR", str(models or models_dir))
+        monkeypatch.delenv("FRAUDSTREAM_DASHBOARD_ARGS", raising=False)
+        app = AppTest.from_file(str(APP), default_timeout=60).run()
+        assert not app.exception, [e.value for e in app.exception]
+        return app
+    return make
+
+
+def figure_titled(app: AppTest, prefix: str) -> dict[str, Any] | None:
+    figures = [json.loads(c.proto.spec) for c in app.get("plotly_chart")]
+    return next((f for f in figures if f["layout"]["title"]["text"].startswith(prefix)), None)
+
+
+def bars(figure: dict[str, Any], y: str = "y") -> dict[str, list[tuple[str, Any]]]:
+    """Each trace of a bar chart as name -> [(x, y)]."""
+    return {trace["name"]: list(zip(trace["x"], plotted(trace[y]), strict=True))
+            for trace in figure["data"]}
+
+
+def test_live_page_shows_risk_scores_their_reasons_and_distribution(
+        scored_app: Callable[..., AppTest]) -> None:
+    app = scored_app()
+    table = app.dataframe[0].value
+    assert list(table["user_id"]) == NEWEST_FIRST
+    assert str(table["risk_score"].dtype) == "Float64", "numbers: the column sorts"
+    risks = dict(zip(table["user_id"], table["risk_score"], strict=True))
+    assert risks["u-score-b"] == pytest.approx(0.93) and risks["u-score-e"] == pytest.approx(0.07)
+    assert risks["u-score-c"] is pd.NA, "no score: an empty cell, not 0"
+    assert json.loads(app.dataframe[0].proto.columns)["risk_score"]["type_config"] == \
+        {"type": "number", "format": "%.2f"}
+    assert app.dataframe[0].proto.placeholder == ""
+
+    figure = figure_titled(app, "Risk score of the alerts in view, by rule")
+    assert figure is not None
+    assert bars(figure) == {HIGH_VALUE: [("0.40-0.45", 1)],
+                            VELOCITY: [("0.05-0.10", 1), ("0.90-0.95", 1)],
+                            ML_SCORE: [("0.95-1.00", 1)]}
+    assert any(c.value.startswith("4 of 5 alerts in view carry a risk score; 1 was raised")
+               for c in app.caption)
+    assert not any(i.value == NO_SCORES for i in app.info)
+
+    # The filters reach the chart: high_value alone is one scored alert and one without.
+    app.multiselect(key="live.rules").set_value([HIGH_VALUE]).run()
+    assert bars(figure_titled(app, "Risk score") or {}) == {HIGH_VALUE: [("0.40-0.45", 1)]}
+    app.multiselect(key="live.rules").set_value([]).run()
+
+    # The detail: the score and the features that raised it most, above the evidence.
+    app.selectbox(key="live.alert").set_value(SCORED_B["alert_id"]).run()
+    assert not app.exception
+    texts = [t.value for t in app.text]
+    assert "Risk score: 0.93 (the model's fraud probability of the transaction that fired the " \
+           "rule)\nTop reasons:\n  transactions in 1 min 4 (+0.41)\n  new location (+0.12)" \
+        in texts, texts
+    shown = json.loads(app.json[0].value)
+    assert (shown["risk_score"], shown["score_reasons"]) == (0.93, SCORED_B["score_reasons"])
+    app.selectbox(key="live.alert").set_value(UNSCORED_C["alert_id"]).run()
+    assert "Risk score: none (no model was loaded when this alert was raised)" in \
+        [t.value for t in app.text]
+    shown = json.loads(app.json[0].value)
+    assert (shown["risk_score"], shown["score_reasons"]) == (None, None)
+
+
+def test_live_page_without_scores_says_no_model_is_loaded(reachable: AppTest) -> None:
+    app = run_until(reachable, lambda a: "u-kafka-only" in table_users(a))
+    assert [i.value for i in app.info if i.value.startswith("No risk scores")] == [NO_SCORES]
+    assert NO_SCORES == ("No risk scores yet: no model is loaded (train one with "
+                         "python -m spark_job.train)")
+    assert figure_titled(app, "Risk score") is None
+    assert app.dataframe[0].value["risk_score"].isna().all()
+
+
+def test_score_distribution_splits_by_verdict_once_alerts_have_one(
+        scored_app: Callable[..., AppTest], verdicts_url: str) -> None:
+    give(verdicts_url, SCORED_E, "legit")
+    give(verdicts_url, SCORED_B, "fraud")
+    app = scored_app()
+    figure = figure_titled(app, "Risk score of the alerts in view, by verdict")
+    assert figure is not None
+    assert bars(figure) == {"legit": [("0.05-0.10", 1)], "fraud": [("0.90-0.95", 1)],
+                            "unreviewed": [("0.40-0.45", 1), ("0.95-1.00", 1)]}
+
+
+def test_review_queue_is_newest_first_until_a_verdict_exists(
+        scored_app: Callable[..., AppTest], verdicts_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ANALYST_ENV, "Ada")
+    app = scored_app()
+    app.switch_page("screens/review.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    table = queue(app)
+    assert list(table["user_id"]) == NEWEST_FIRST
+    assert table.set_index("user_id")["risk_score"].isna().to_dict() == {
+        user: user == "u-score-c" for user in NEWEST_FIRST}
+    texts = [t.value for t in app.text]
+    assert any(t.startswith("Order: unreviewed first, then newest first") for t in texts), texts
+    newest = UNSCORED_C["alert_id"]
+    assert under_review(app) == newest
+    assert "Risk score: none (no model was loaded when this alert was raised)" in texts
+
+    # The first verdict: from now on the queue is ordered by risk, and the alert that comes
+    # up is the highest-scored unreviewed one (not the next newest).
+    app.radio(key=f"review.verdict.{newest}").set_value("legit")
+    app.button(key=f"review.submit.{newest}").click().run()
+    assert not app.exception
+    assert set(stored(verdicts_url)) == {newest}
+    table = queue(app)
+    assert list(table["user_id"]) == [*BY_RISK[:4], "u-score-c"]
+    assert list(table["verdict"]) == ["unreviewed"] * 4 + ["legit"]
+    assert any(t.value.startswith("Order: unreviewed first, then highest risk score first")
+               for t in app.text)
+    assert under_review(app) == SCORED_D["alert_id"]
+    assert any(t.value.startswith("Risk score: 0.97") and "(+0.55)" in t.value
+               for t in app.text)
+
+    app.radio(key=f"review.verdict.{SCORED_D['alert_id']}").set_value("fraud")
+    app.button(key=f"review.submit.{SCORED_D['alert_id']}").click().run()
+    assert under_review(app) == SCORED_B["alert_id"], "the next highest score"
+
+
+def test_review_queue_orders_by_risk_when_verdicts_exist(
+        scored_app: Callable[..., AppTest], verdicts_url: str) -> None:
+    give(verdicts_url, SCORED_E, "legit")
+    app = scored_app()
+    app.switch_page("screens/review.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    table = queue(app)
+    assert list(table["user_id"]) == ["u-score-d", "u-score-b", "u-score-a", "u-score-c",
+                                      "u-score-e"], "unreviewed by risk (none last), reviewed"
+    assert [round(float(r), 2) if pd.notna(r) else None for r in table["risk_score"]] == \
+        [0.97, 0.93, 0.42, None, 0.07]
+    assert under_review(app) == SCORED_D["alert_id"]
+    app.multiselect(key="review.rules").set_value([VELOCITY, HIGH_VALUE]).run()
+    assert list(queue(app)["user_id"]) == ["u-score-b", "u-score-a", "u-score-c", "u-score-e"]
+
+
+def test_overview_shows_the_model_the_detector_scores_with(
+        scored_app: Callable[..., AppTest]) -> None:
+    app = scored_app()
+    app.switch_page("screens/overview.py").run()
+    assert not app.exception
+    assert f"Model: scoring with {MODEL_LINE}" in [t.value for t in app.text]
+
+
+def test_overview_says_when_the_detector_runs_on_rules_alone(reachable: AppTest) -> None:
+    # This history's detector predates the model: no model key in its metrics.
+    reachable.run()
+    reachable.switch_page("screens/overview.py").run()
+    assert not reachable.exception
+    assert "Model: rules alone: no usable model" in [t.value for t in reachable.text]
+
+
+def test_model_status_comes_from_the_newest_batch(tmp_path: Path) -> None:
+    path = tmp_path / "detector.jsonl"
+    tail = MetricsTail(path)
+    assert model_status(tail.refresh().batches) is None
+    line = {"batch_id": 0, "written_at": format_timestamp(NOW), "input_rows": 5,
+            "model": MODEL_LINE}
+    path.write_text(json.dumps(line) + "\n")
+    assert model_status(tail.refresh().batches) == f"scoring with {MODEL_LINE}"
+    with path.open("a") as handle:  # the model folder was removed: rules alone again
+        handle.write(json.dumps({**line, "batch_id": 1, "model": None}) + "\n")
+    assert model_status(tail.refresh().batches) == "rules alone: no usable model"
+
+
+def test_quality_page_compares_rules_alone_with_rules_plus_model(
+        scored_app: Callable[..., AppTest]) -> None:
+    app = scored_app()
+    app.switch_page("screens/quality.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert "Rules alone vs rules + model" in [h.value for h in app.subheader]
+    comparison = frame_with(app, "approach", "threshold").set_index("approach")
+    assert comparison.to_dict("index") == {
+        "rules alone": {"precision": "70.0%", "recall": "83.5%",
+                        "threshold": "the rules in force"},
+        "model alone": {"precision": "87.4%", "recall": "83.6%",
+                        "threshold": "score at or above 0.53"},
+        "rules + model": {"precision": "91.2%", "recall": "83.8%",
+                          "threshold": "drop rule alerts scored below 0.05; add transactions "
+                                       "scored at or above 0.93"},
+    }
+    metrics = metric_values(app)
+    assert (metrics["Model AUC (hold-out)"], metrics["Precision at recall 90%"],
+            metrics["Threshold at recall 90%"], metrics["Rules' recall (hold-out)"]) == \
+        ("0.95", "81.2%", "0.42", "83.5%")
+    texts = [t.value for t in app.text]
+    assert ("Model 20261202T061500Z (gbt), trained at 2026-12-02T06:15:00.000Z in 84 s on "
+            "200,000 rows (12 labels from analysts' verdicts).") in texts, texts
+    assert ("Hold-out: 50,000 transactions from 2026-12-01T20:00:00.000Z to "
+            "2026-12-02T06:00:00.000Z, 1.90% fraud (the newest part of the history, kept out "
+            "of training).") in texts
+    assert "Not used: version 20261203T000000Z: being written (no model.json yet)" in texts
+
+    figure = figure_titled(app, "Hold-out risk scores: fraud vs legit")
+    assert figure is not None
+    shares = {name: dict(points) for name, points in bars(figure).items()}
+    assert shares["fraud"]["0.95-1.00"] == pytest.approx(0.5)
+    assert shares["fraud"]["0.00-0.05"] == 0
+    assert shares["legit"]["0.00-0.05"] == pytest.approx(0.6)
+    assert len(shares["legit"]) == 20
+
+    candidates = frame_with(app, "algorithm", "kept").set_index("algorithm")
+    assert candidates.loc["gbt", ["auc", "kept"]].tolist() == ["0.95", "yes"]
+    assert candidates.loc["logistic_regression", "auc"] == "0.90"
+    per_rule = frame_with(app, "rule", "flagged").set_index("rule")
+    assert per_rule.loc[VELOCITY, ["precision", "recall", "flagged"]].tolist() == \
+        ["68.0%", "84.0%", 1200]
+    versions = frame_with(app, "version", "state")
+    assert list(versions["version"]) == ["20261203T000000Z", "20261202T061500Z",
+                                         "20261201T000000Z"], "newest first, hidden left out"
+    assert list(versions["state"]) == ["being written (no model.json yet)",
+                                       "newest complete version", "complete"]
+
+
+def test_quality_page_without_a_model_says_how_to_train_one(
+        scored_app: Callable[..., AppTest], tmp_path: Path) -> None:
+    app = scored_app(models=tmp_path / "no-models")
+    app.switch_page("screens/quality.py").run()
+    assert not app.exception
+    lines = [i.value for i in app.info if "trained model" in i.value]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith("No trained model under")
+    assert "train one with ` python -m spark_job.train `" in lines[0]
+    assert not any("approach" in f.value.columns for f in app.dataframe)
+    assert figure_titled(app, "Hold-out risk scores") is None
+
+
+def test_quality_page_reads_a_sparse_metrics_file(scored_app: Callable[..., AppTest],
+                                                  tmp_path: Path) -> None:
+    """A trainer that wrote fewer keys (or other types): every missing figure reads n/a."""
+    write_version(tmp_path, "20261205T000000Z", {"version": "20261205T000000Z",
+                                                 "algorithm": "gbt", "auc": "high",
+                                                 "comparison": {"model_alone": None},
+                                                 "score_histogram": {"edges": [0, 1]}})
+    app = scored_app(models=tmp_path)
+    app.switch_page("screens/quality.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    comparison = frame_with(app, "approach", "threshold")
+    assert set(comparison["precision"]) == {"n/a"} and set(comparison["threshold"]) == \
+        {"the rules in force", "n/a"}
+    assert metric_values(app)["Model AUC (hold-out)"] == "n/a"
+    assert "Model 20261205T000000Z (gbt)." in [t.value for t in app.text]
+    figure = figure_titled(app, "Hold-out risk scores")
+    assert figure is not None and figure["layout"]["annotations"][0]["text"] == \
+        "no score histogram in the model's metrics.json"
+
+
+def test_backtest_changes_carry_the_risk_score() -> None:
+    live = pa.Table.from_pylist([SCORED_E], schema=ALERTS_SCHEMA)
+    result = bt.BacktestResult({"rules": []},
+                               pa.Table.from_pylist([SCORED_B], schema=ALERTS_SCHEMA))
+    changes = bt.changed_alerts(result, live, VELOCITY, None, None).set_index("change")
+    assert changes.loc["added", "risk_score"] == pytest.approx(0.93)
+    assert list(changes.loc["added", "score_reasons"]) == SCORED_B["score_reasons"]
+    assert changes.loc["removed", "risk_score"] == pytest.approx(0.07)
+
+
+def test_tail_alerts_keep_a_risk_score_only_when_it_is_one() -> None:
+    alert = to_json_ready(SCORED_B)
+    row = decode_alert(json.dumps(alert))
+    assert row is not None
+    assert (row["risk_score"], row["score_reasons"]) == (0.93, SCORED_B["score_reasons"])
+    for bad in ("high", True, 1.5, None):
+        row = decode_alert(json.dumps({**alert, "risk_score": bad, "score_reasons": "x"}))
+        assert row is not None and (row["risk_score"], row["score_reasons"]) == (None, None)
+    old = {k: v for k, v in alert.items() if k not in ("risk_score", "score_reasons")}
+    assert decode_alert(json.dumps(old)) is not None, "alerts from before the model"
 
 
 # --- views, readers and launcher ------------------------------------------------------------
