@@ -2,10 +2,11 @@
 # fraudstream: stop what setup.sh started and delete the project's generated state.
 #
 # Deletes exactly: run/ (checkpoints, logs, PID files, metrics, the default verdict database
-# run/verdicts.db) and the contents of
+# run/verdicts.db), models/ (the trained model versions) and the contents of
 # parquet_data/ except parquet_data/.gitkeep. Local services are stopped through setup.sh's own
 # PID files (never by process name). When a Docker engine answers, the compose project
-# "fraudstream" is taken down with its volumes; no other container, image or volume is touched.
+# "fraudstream" is taken down with its volumes (the `models` volume among them); no other
+# container, image or volume is touched.
 set -euo pipefail
 
 ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -21,9 +22,11 @@ Stops the fraudstream services started by ./setup.sh and deletes the generated s
   run/                     checkpoints, logs, PID files, metrics, and the analysts' verdicts
                            in the default database run/verdicts.db (a VERDICTS_URL server
                            is not touched)
+  models/                  the trained model versions (a MODELS_DIR elsewhere is not touched)
   parquet_data/*           alerts and other datasets (parquet_data/.gitkeep is kept)
   Docker (if an engine answers): docker compose -p fraudstream down --volumes --remove-orphans
-  (only this project's containers, network and named volumes; images are kept)
+  (only this project's containers, network and named volumes, the trained models in the
+  volume `models` included; images are kept)
 Nothing else is deleted (.venv and your files stay).
 
   -y, --yes    do not ask for confirmation (required when stdin is not a terminal)
@@ -72,7 +75,7 @@ echo "  - stop the local services started by ./setup.sh (from run/pids/)"
 if ((${#COMPOSE[@]})); then
   echo "  - run: ${COMPOSE[*]} -p $PROJECT down --volumes --remove-orphans"
 fi
-echo "  - delete run/ and everything in parquet_data/ except .gitkeep"
+echo "  - delete run/, models/ and everything in parquet_data/ except .gitkeep"
 
 if ((!YES)); then
   if [[ ! -t 0 ]]; then
@@ -89,11 +92,13 @@ fi
 
 if ((${#COMPOSE[@]})); then
   "${COMPOSE[@]}" -p "$PROJECT" -f "$ROOT/docker-compose.yml" --profile cluster \
-    down --volumes --remove-orphans
+    --profile trainer down --volumes --remove-orphans
 fi
 
 failed=0
 rm -rf -- run || failed=1
+# A symlink named models is removed itself, never what it points to.
+rm -rf -- models || failed=1
 if [[ -d parquet_data ]]; then
   find parquet_data -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf -- {} + || failed=1
 fi
@@ -103,4 +108,4 @@ if ((failed)); then
   die "some files could not be deleted (owned by another user? e.g. written by a container); \
 delete them with the owner's rights"
 fi
-echo "==> reset done: run/ removed, parquet_data/ emptied (kept .gitkeep)"
+echo "==> reset done: run/ and models/ removed, parquet_data/ emptied (kept .gitkeep)"

@@ -6,6 +6,8 @@
 # --local): a virtualenv in .venv, the embedded Kafka-protocol broker and the services as
 # background processes, each in its own process group with a small supervisor that restarts it
 # when it fails (like compose's `restart: unless-stopped`), with logs and PID files under run/.
+# Both modes also run the model trainer (python -m spark_job.train, every TRAIN_EVERY_HOURS) unless
+# SETUP_TRAINER=0; `./setup.sh train` trains once now, in the foreground.
 # Run `./setup.sh --help` for the commands and the environment variables it honours.
 set -euo pipefail
 
@@ -20,8 +22,11 @@ readonly MODE_FILE="$RUN_DIR/mode"
 readonly LOCAL_ENV_FILE="$RUN_DIR/local.env"
 readonly INSTALL_STAMP="$RUN_DIR/install.stamp"
 readonly VENV_DIR=".venv"
-# Start order; stop runs it backwards.
-readonly ALL_SERVICES="broker producer detector dashboard"
+# Start order; stop runs it backwards. The trainer comes last: it needs no broker, and its first
+# round should not compete with the detector's start-up.
+readonly ALL_SERVICES="broker producer detector dashboard trainer"
+# Every compose profile, for the commands that must see all of the project's containers.
+readonly ALL_PROFILES=(--profile cluster --profile trainer)
 readonly BROKER_HOST=127.0.0.1
 readonly STOP_TIMEOUT="${FRAUDSTREAM_STOP_TIMEOUT:-20}"
 readonly BROKER_TIMEOUT="${FRAUDSTREAM_BROKER_TIMEOUT:-60}"
@@ -36,6 +41,7 @@ ACTION="start"
 CLUSTER=0
 FOLLOW=1
 LOG_SERVICE=""
+TRAIN_ARGS=()
 PY=""
 COMPOSE=()
 
@@ -52,22 +58,41 @@ Commands:
                     mode also `docker compose down` (volumes are kept; ./reset.sh removes them)
   logs [SERVICE]    follow the logs (local: run/logs/SERVICE.log; Docker: compose logs -f);
                     add --no-follow to print the last lines and exit
+  train [ARGS...]   train a model once, now, in the foreground, from the Parquet history of
+                    the running pipeline (python -m spark_job.train with TRAIN_EVERY_HOURS=0;
+                    ARGS go to it, e.g. --algorithm gbt); prints its progress, saves
+                    MODELS_DIR/<version>/ and exits with its code (2: refused, e.g. not
+                    enough labelled history yet). Docker: compose run --rm trainer
 
 Mode (default: Docker when `docker info` succeeds and compose is installed, else local):
   --docker          Docker Compose: Kafka (KRaft), producer, Spark detector, consumer,
                     Streamlit dashboard on http://localhost:8501, Kafdrop on http://localhost:9000
-  --local           plain processes: embedded broker, producer, detector, dashboard
+  --local           plain processes: embedded broker, producer, detector, dashboard, trainer
   --cluster         Docker mode only: also start the Spark standalone master and two workers
                     and run the detector on them (profile `cluster`)
 
+Both modes:
+  SETUP_TRAINER=1              1: also run the trainer service (local: a supervised
+                               `python -m spark_job.train`; Docker: profile `trainer`);
+                               0: leave it out (train on demand with ./setup.sh train)
+  TRAIN_EVERY_HOURS=6          the trainer's schedule: train at start, then every N hours
+                               (a round with too little labelled history is skipped)
+
 Local mode environment:
   BROKER_PORT=9092             port of the embedded broker on 127.0.0.1
-  FRAUDSTREAM_SERVICES="broker producer detector dashboard"
+  FRAUDSTREAM_SERVICES="broker producer detector dashboard trainer"
                                the subset to start (in that order)
+  MODELS_DIR=models            model versions: written by the trainer, read by the
+                               detector (the newest, between batches) and the dashboard
+  SETUP_TRAINER_NICE=10        CPU priority of the trainer (nice 0-19): on 2 cores the
+                               detector keeps the CPU while a training round runs
   FRAUDSTREAM_PYTHON=/path     use this interpreter as is: no .venv, no `pip install`
   SETUP_RESTART_LIMIT=5        a service that exits non-zero (or is killed) is restarted after
                                1 s, 2 s, 4 s ... (at most 30 s); after this many restarts in a
-                               row it is left `crashed` (the count resets after 60 s up)
+                               row it is left `crashed` (the count resets after 60 s up; for
+                               the trainer after one TRAIN_EVERY_HOURS period up). The trainer's
+                               exit code 2 (refused: too little history, invalid setting) is
+                               final, not restarted: a retry would give the same answer
   ON_BROKER_RESET=new-epoch    the detector's answer to the memory-only broker losing its
                                topics (local mode default; the detector's own default: fail)
   STREAMLIT_SERVER_PORT=8501   dashboard port (bound to 127.0.0.1)
@@ -127,7 +152,7 @@ compose_service_name() {
 # Echoes the health (or, without a healthcheck, the state and exit code) of a compose service.
 container_state() {
   local cid
-  cid="$("${COMPOSE[@]}" --profile cluster ps -a -q "$1" 2>/dev/null | head -n 1)"
+  cid="$("${COMPOSE[@]}" "${ALL_PROFILES[@]}" ps -a -q "$1" 2>/dev/null | head -n 1)"
   [[ -n "$cid" ]] || { echo missing; return 0; }
   docker inspect -f \
     '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}} {{.State.ExitCode}}{{end}}' \
@@ -143,34 +168,46 @@ wait_for_container() {
     case "$state" in
       "$want") return 0 ;;
       unhealthy | "exited "[1-9]* | "dead "*)
-        "${COMPOSE[@]}" --profile cluster logs --tail=30 "$svc" >&2 || true
+        "${COMPOSE[@]}" "${ALL_PROFILES[@]}" logs --tail=30 "$svc" >&2 || true
         die "$svc is $state (its last log lines are above)"
         ;;
     esac
     sleep 2
   done
-  "${COMPOSE[@]}" --profile cluster logs --tail=30 "$svc" >&2 || true
+  "${COMPOSE[@]}" "${ALL_PROFILES[@]}" logs --tail=30 "$svc" >&2 || true
   die "$svc is still '$state' after ${HEALTH_TIMEOUT}s"
+}
+
+# Build the images with the caller's uid/gid so files in the bind-mounted parquet_data/ belong
+# to them (root keeps the image's default unprivileged user).
+export_build_ids() {
+  if [[ "$(id -u)" != 0 ]]; then
+    FRAUDSTREAM_UID="$(id -u)"
+    FRAUDSTREAM_GID="$(id -g)"
+    export FRAUDSTREAM_UID FRAUDSTREAM_GID
+  fi
 }
 
 start_docker() {
   find_compose || die "a Docker engine answers but neither 'docker compose' (v2) nor \
 'docker-compose' (v1) is installed; install one (Debian/Ubuntu: sudo apt-get install \
 docker-compose) or run ./setup.sh --local"
-  mkdir -p "$RUN_DIR" parquet_data
-  echo docker >"$MODE_FILE"
-  # Build the images with the caller's uid/gid so files in the bind-mounted parquet_data/
-  # belong to them (root keeps the image's default unprivileged user).
-  if [[ "$(id -u)" != 0 ]]; then
-    FRAUDSTREAM_UID="$(id -u)"
-    FRAUDSTREAM_GID="$(id -g)"
-    export FRAUDSTREAM_UID FRAUDSTREAM_GID
-  fi
   local up=(up -d --build) profile=()
+  if trainer_enabled; then
+    # The trainer container restarts `unless-stopped`, i.e. after every exit: with
+    # TRAIN_EVERY_HOURS=0 (train once and exit) Docker would train again and again.
+    train_period_seconds >/dev/null ||
+      usage_error "TRAIN_EVERY_HOURS must be a number of hours > 0 for the Docker trainer \
+service, got '${TRAIN_EVERY_HOURS:-}' (one training now: ./setup.sh train)"
+    profile+=(--profile trainer)
+  fi
   if ((CLUSTER)); then
-    profile=(--profile cluster)
+    profile=(--profile cluster ${profile[@]+"${profile[@]}"})
     up+=(--scale spark_job=0)
   fi
+  mkdir -p "$RUN_DIR" parquet_data
+  echo docker >"$MODE_FILE"
+  export_build_ids
   info "Docker mode: building and starting project '$PROJECT' with $(compose_display)"
   "${COMPOSE[@]}" ${profile[@]+"${profile[@]}"} "${up[@]}"
   wait_for_container kafka healthy
@@ -192,7 +229,15 @@ EOF
   cat <<EOF
   Kafka for host tools    localhost:9092 (inside the stack: kafka:29092)
   Parquet alerts          ./parquet_data/alerts/
+EOF
+  if trainer_enabled; then
+    echo "  Trainer                 every ${TRAIN_EVERY_HOURS:-6} h into the volume 'models' (SETUP_TRAINER=0: off)"
+  else
+    echo "  Trainer                 off (SETUP_TRAINER=0)"
+  fi
+  cat <<EOF
 Watch alerts:   $(compose_display) logs -f consumer     (or ./setup.sh logs consumer)
+Train now:      ./setup.sh train
 Status:         ./setup.sh status      Stop: ./setup.sh stop      Reset: ./reset.sh
 EOF
 }
@@ -204,12 +249,28 @@ stop_docker() {
     return 0
   fi
   info "stopping the Docker stack (project '$PROJECT'; volumes are kept)"
-  "${COMPOSE[@]}" --profile cluster down
+  "${COMPOSE[@]}" "${ALL_PROFILES[@]}" down
 }
 
 status_docker() {
   find_compose || die "no docker compose / docker-compose found"
-  "${COMPOSE[@]}" --profile cluster ps
+  "${COMPOSE[@]}" "${ALL_PROFILES[@]}" ps
+}
+
+# One training now in a one-off container of the trainer service (same image, volumes and
+# settings); --rm drops the service's restart policy, and TRAIN_EVERY_HOURS=0 trains once.
+train_docker() {
+  find_compose || die "no docker compose / docker-compose found"
+  docker_engine_up || die "the Docker engine does not answer ('docker info' failed)"
+  export_build_ids
+  local run=(run --rm -e TRAIN_EVERY_HOURS=0) rc=0
+  [[ -t 0 ]] || run+=(-T)
+  info "training once now: $(compose_display) --profile trainer ${run[*]} trainer python -m \
+spark_job.train$(train_args_shown)"
+  "${COMPOSE[@]}" --profile trainer "${run[@]}" trainer python -m spark_job.train \
+    ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} || rc=$?
+  report_training "$rc" "the volume 'models'"
+  exit "$rc"
 }
 
 logs_docker() {
@@ -219,7 +280,7 @@ logs_docker() {
   if [[ -n "$LOG_SERVICE" ]]; then
     args+=("$(compose_service_name "$LOG_SERVICE")")
   fi
-  exec "${COMPOSE[@]}" --profile cluster "${args[@]}"
+  exec "${COMPOSE[@]}" "${ALL_PROFILES[@]}" "${args[@]}"
 }
 
 # --- local mode: services ---------------------------------------------------------------------------
@@ -230,30 +291,122 @@ service_module() {
     producer) echo producer ;;
     detector) echo spark_job ;;
     dashboard) echo dashboard ;;
+    trainer) echo spark_job.train ;;
     *) return 1 ;;
   esac
 }
 
-# A service can run once its package has an entry point (they are written independently).
-service_available() {
+# The file `python -m MODULE` runs for a service.
+service_source() {
   case "$1" in
-    broker) [[ -f fraudstream/broker.py ]] ;;
-    *) [[ -f "$(service_module "$1")/__main__.py" ]] ;;
+    broker) echo fraudstream/broker.py ;;
+    trainer) echo spark_job/train.py ;;
+    *) echo "$(service_module "$1")/__main__.py" ;;
   esac
 }
+
+# A service can run once its entry point exists (they are written independently).
+service_available() { [[ -f "$(service_source "$1")" ]]; }
 
 normalize_service() {
   case "$1" in
     spark_job | spark-job) echo detector ;;
-    broker | producer | detector | dashboard) echo "$1" ;;
+    train) echo trainer ;;
+    broker | producer | detector | dashboard | trainer) echo "$1" ;;
     *) return 1 ;;
+  esac
+}
+
+# --- the trainer ----------------------------------------------------------------------------------
+
+# SETUP_TRAINER: 1 (default) runs the trainer service, 0 leaves it out.
+trainer_enabled() {
+  case "${SETUP_TRAINER:-1}" in
+    1) return 0 ;;
+    0) return 1 ;;
+    *) usage_error "SETUP_TRAINER must be 0 or 1, got '$SETUP_TRAINER'" ;;
+  esac
+}
+
+# The niceness the trainer runs at (SETUP_TRAINER_NICE, default 10; 0 = normal priority).
+trainer_nice() {
+  local nice="${SETUP_TRAINER_NICE:-10}"
+  if ! [[ "$nice" =~ ^[0-9]{1,2}$ ]] || ((10#$nice > 19)); then
+    usage_error "SETUP_TRAINER_NICE must be a whole number from 0 to 19, got '$nice'"
+  fi
+  echo "$((10#$nice))"
+}
+
+# The arguments given after `train`, for messages (empty, or a space and the arguments).
+train_args_shown() {
+  ((${#TRAIN_ARGS[@]})) && printf ' %s' "${TRAIN_ARGS[*]}"
+  return 0
+}
+
+# TRAIN_EVERY_HOURS (default 6) in whole seconds; fails when it is not a number > 0 (0 means
+# "train once", anything else is refused by the trainer's own settings).
+train_period_seconds() {
+  awk -v h="${TRAIN_EVERY_HOURS:-6}" 'BEGIN {
+      if (h !~ /^[0-9]*\.?[0-9]+$/ || h + 0 <= 0) exit 1
+      printf "%d\n", h * 3600 + 0.5
+    }'
+}
+
+# Model version folders under $1, oldest first: as model_versions() in fraudstream/model.py,
+# every folder whose name does not start with "." (names sort by training time).
+model_versions() {
+  local entry
+  [[ -d "$1" ]] || return 0
+  for entry in "$1"/*/; do
+    [[ -d "$entry" ]] || continue
+    entry="${entry%/}"
+    printf '%s\n' "${entry##*/}"
+  done | LC_ALL=C sort
+}
+
+# One line on the models under $1: the newest version with a model.json (the detector skips a
+# folder without one: still being written, or abandoned), or "none".
+model_line() {
+  local dir="${1%/}" name newest="" pending="" count=0
+  while IFS= read -r name; do
+    [[ -n "$name" ]] || continue
+    count=$((count + 1))
+    [[ -z "$newest" ]] || continue
+    if [[ -f "$dir/$name/model.json" ]]; then
+      newest="$name"
+    else
+      pending="${pending:+$pending, }$name"
+    fi
+  done < <(model_versions "$dir" | LC_ALL=C sort -r)
+  if [[ -n "$newest" ]]; then
+    printf 'Model: %s, the newest of %s version folder(s) in %s/' "$newest" "$count" "$dir"
+  else
+    printf 'Model: none in %s/ (the detector runs on rules alone; ./setup.sh train trains one now)' \
+      "$dir"
+  fi
+  if [[ -n "$pending" ]]; then
+    printf '; without model.json (being written, or abandoned): %s' "$pending"
+  fi
+  printf '\n'
+}
+
+# What a training run's exit code means, after its own output.
+report_training() {
+  local rc=$1 where=$2
+  case "$rc" in
+    0) info "training finished (exit code 0): a new model version in $where; the detector \
+takes it between batches" ;;
+    2) info "training refused (exit code 2): nothing was saved; the reason is above (e.g. not \
+enough labelled history yet: let the pipeline run longer)" ;;
+    *) info "training failed (exit code $rc): nothing was saved; see the output above" ;;
   esac
 }
 
 pid_file() { echo "$PID_DIR/$1.pid"; }
 supervisor_file() { echo "$PID_DIR/$1.supervisor.pid"; }
 # Written by the supervisor: "restarting RC N LIMIT DELAY", "running RESTARTS", "crashed RC
-# LIMIT" (it gave up) or "exited 0" (a clean exit is not restarted).
+# LIMIT" (it gave up) or "exited 0" (a clean exit is not restarted; nor is the trainer's
+# refusal, "exited 2").
 state_file() { echo "$PID_DIR/$1.state"; }
 log_file() { echo "$LOG_DIR/$1.log"; }
 
@@ -455,18 +608,32 @@ supervisor_cleanup() {
 
 supervise() {
   local svc=$1 module pidfile statefile limit rc restarts=0 total=0 delay started snapshot_at
+  local reset_after=$RESTART_RESET_SECONDS period nice cmd=()
   PY=$2
   module="$(service_module "$svc")" || die "unknown service '$svc'"
   pidfile="$(pid_file "$svc")"
   statefile="$(state_file "$svc")"
   limit="${SETUP_RESTART_LIMIT:-5}"
   [[ "$limit" =~ ^[0-9]+$ ]] || limit=5
+  cmd=("$PY" -m "$module")
+  if [[ "$svc" == trainer ]]; then
+    # At a lower CPU priority: on 2 cores the detector keeps up while a round runs.
+    nice="$(trainer_nice 2>/dev/null || echo 10)"
+    if ((nice > 0)) && have nice; then
+      cmd=(nice -n "$nice" "${cmd[@]}")
+    fi
+    # A training round takes minutes: a trainer that crashes mid-round every time would outlive
+    # the 60 s reset and train again and again. Its count resets after one full period up.
+    if period="$(train_period_seconds)" && ((period > reset_after)); then
+      reset_after=$period
+    fi
+  fi
   trap supervisor_on_signal TERM INT HUP
   echo "$$" >"$(supervisor_file "$svc")"
   while :; do
-    printf '\n===== %s: starting %s (%s -m %s) =====\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-      "$svc" "$PY" "$module"
-    "$PY" -m "$module" </dev/null &
+    printf '\n===== %s: starting %s (%s) =====\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+      "$svc" "${cmd[*]}"
+    "${cmd[@]}" </dev/null &
     SUP_CHILD=$!
     echo "$SUP_CHILD" >"$pidfile.tmp"
     mv -f "$pidfile.tmp" "$pidfile"
@@ -499,7 +666,14 @@ supervise() {
       echo "exited 0" >"$statefile"
       exit 0
     fi
-    if ((SECONDS - started >= RESTART_RESET_SECONDS)); then
+    # The trainer's 2 is a refusal (too little labelled history for TRAIN_EVERY_HOURS=0's one
+    # training, or an invalid setting): restarting it would only repeat the answer and its JVM.
+    if [[ "$svc" == trainer ]] && ((rc == 2)); then
+      printf 'setup.sh: %s exited with code 2 (refused, see above); not restarted\n' "$svc"
+      echo "exited 2" >"$statefile"
+      exit 0
+    fi
+    if ((SECONDS - started >= reset_after)); then
       restarts=0
     fi
     if ((restarts >= limit)); then
@@ -707,9 +881,13 @@ selected_services() {
       usage_error "unknown service '$svc' in FRAUDSTREAM_SERVICES (known: $ALL_SERVICES)"
     out="$out $normalized"
   done
-  # Keep the canonical start order whatever order the user wrote.
+  # Keep the canonical start order whatever order the user wrote; SETUP_TRAINER=0 leaves the
+  # trainer out even when FRAUDSTREAM_SERVICES names it.
   local ordered=""
   for svc in $ALL_SERVICES; do
+    if [[ "$svc" == trainer ]] && ! trainer_enabled; then
+      continue
+    fi
     [[ " $out " == *" $svc "* ]] && ordered="$ordered $svc"
   done
   echo "$ordered" | xargs
@@ -732,14 +910,23 @@ load_local_env() {
 start_local() {
   mkdir -p "$LOG_DIR" "$PID_DIR"
   echo local >"$MODE_FILE"
-  local services svc pid started=""
+  local services requested svc pid started="" java_checked=0
+  trainer_enabled || true # validates SETUP_TRAINER
+  trainer_nice >/dev/null
   services="$(selected_services)"
+  requested="$(SETUP_TRAINER=1 selected_services)"
+  if [[ -z "$services" && "$requested" == trainer ]]; then
+    usage_error "FRAUDSTREAM_SERVICES selects only the trainer, and SETUP_TRAINER=0 leaves it out"
+  fi
   [[ -n "$services" ]] || usage_error "FRAUDSTREAM_SERVICES selects no service"
   BROKER_PORT="${BROKER_PORT:-9092}"
   [[ "$BROKER_PORT" =~ ^[0-9]+$ ]] || usage_error "BROKER_PORT must be a number, got '$BROKER_PORT'"
   [[ "${SETUP_RESTART_LIMIT:-5}" =~ ^[0-9]+$ ]] ||
     usage_error "SETUP_RESTART_LIMIT must be a whole number, got '$SETUP_RESTART_LIMIT'"
   info "local mode (run folder: $RUN_DIR/; services: $services)"
+  if [[ " $requested " == *" trainer "* && " $services " != *" trainer "* ]]; then
+    info "SETUP_TRAINER=0: the trainer is not started (./setup.sh train trains once, on demand)"
+  fi
 
   setup_python
 
@@ -759,11 +946,16 @@ start_local() {
   # The embedded broker keeps topics in memory: when it restarts, the detector archives its
   # checkpoint and starts a new epoch instead of stopping (the detector's own default is fail).
   export ON_BROKER_RESET="${ON_BROKER_RESET:-new-epoch}"
-  # What status needs to look at the same broker, interpreter and detector files.
+  # Model versions: the trainer writes them, the detector and the dashboard read them.
+  export MODELS_DIR="${MODELS_DIR:-models}"
+  export TRAIN_EVERY_HOURS="${TRAIN_EVERY_HOURS:-6}"
+  # What status and train need to look at the same broker, interpreter and files.
   {
     printf 'BROKER_PORT=%s\nKAFKA_BOOTSTRAP_SERVERS=%s\nPYTHON=%s\n' "$BROKER_PORT" \
       "$KAFKA_BOOTSTRAP_SERVERS" "$PY"
     printf 'CHECKPOINT_DIR=%s\nPARQUET_DIR=%s\n' "$CHECKPOINT_DIR" "$PARQUET_DIR"
+    printf 'MODELS_DIR=%s\nTRAIN_EVERY_HOURS=%s\nSETUP_TRAINER=%s\n' "$MODELS_DIR" \
+      "$TRAIN_EVERY_HOURS" "${SETUP_TRAINER:-1}"
     [[ -z "${METRICS_FILE:-}" ]] || printf 'METRICS_FILE=%s\n' "$METRICS_FILE"
     [[ -z "${TRANSACTIONS_TOPIC:-}" ]] || printf 'TRANSACTIONS_TOPIC=%s\n' "$TRANSACTIONS_TOPIC"
   } >"$LOCAL_ENV_FILE"
@@ -771,8 +963,9 @@ start_local() {
   # Checks that need nothing started yet, so a failure leaves nothing half-running.
   for svc in $services; do
     service_available "$svc" || continue
-    if [[ "$svc" == detector ]] && ! service_up detector; then
+    if [[ "$svc" == detector || "$svc" == trainer ]] && ! service_up "$svc" && ((!java_checked)); then
       check_java
+      java_checked=1
     fi
     if [[ "$svc" == broker ]] && ! service_up broker && port_open "$BROKER_HOST" "$BROKER_PORT"; then
       die "$BROKER_HOST:$BROKER_PORT is already in use by another program; stop it or choose \
@@ -798,7 +991,7 @@ run ./reset.sh for a clean start"
 
   for svc in $services; do
     if ! service_available "$svc"; then
-      warn "$svc: $(service_module "$svc")/__main__.py does not exist yet; not started"
+      warn "$svc: $(service_source "$svc") does not exist yet; not started"
       continue
     fi
     if pid="$(service_pid "$svc")"; then
@@ -830,6 +1023,19 @@ run ./reset.sh for a clean start"
         fi
       done
     done
+    if [[ " $crashed " == *" trainer "* ]] && trainer_finished; then
+      # Not a crash: a finished one-off round (TRAIN_EVERY_HOURS=0) or a refusal (code 2),
+      # which its supervisor does not restart; the rest of the pipeline is fine.
+      entry="$(read_state trainer || true)"
+      warn "the trainer exited with code ${entry#exited } and is not restarted; last lines of \
+$(log_file trainer):"
+      show_log_tail trainer 5 >&2
+      entry=""
+      for svc in $crashed; do
+        [[ "$svc" == trainer ]] || entry="$entry $svc"
+      done
+      crashed="$entry"
+    fi
     if [[ -n "$crashed" ]]; then
       for svc in $crashed; do
         printf 'setup.sh: %s exited right after starting; last lines of %s:\n' "$svc" \
@@ -847,12 +1053,31 @@ SETUP_RESTART_LIMIT=${SETUP_RESTART_LIMIT:-5} times; ./setup.sh status shows the
   print_local_summary
 }
 
+# After the trainer left within the start check: waits (briefly) for its supervisor to record
+# the outcome and succeeds when the trainer exited for good ("exited 0" or "exited 2").
+trainer_finished() {
+  local deadline=$((SECONDS + 5)) state
+  while :; do
+    state="$(read_state trainer || true)"
+    [[ "$state" == exited\ * ]] && return 0
+    [[ "$state" == restarting\ * || "$state" == crashed\ * ]] && return 1
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+
 describe_service() {
+  local schedule
   case "$1" in
     broker) echo "$BROKER_HOST:$BROKER_PORT (embedded Tansu broker, topics in memory only)" ;;
     producer) echo "synthetic transactions -> Kafka topic 'transactions'" ;;
     detector) echo "Spark rules -> topic 'fraud-alerts' and ${PARQUET_DIR:-parquet_data}/alerts/" ;;
     dashboard) echo "http://${STREAMLIT_SERVER_ADDRESS:-127.0.0.1}:${STREAMLIT_SERVER_PORT:-8501}" ;;
+    trainer)
+      schedule="every ${TRAIN_EVERY_HOURS:-6} h"
+      train_period_seconds >/dev/null || schedule="once"
+      echo "${PARQUET_DIR:-parquet_data}/ -> model versions in ${MODELS_DIR:-models}/, $schedule"
+      ;;
   esac
 }
 
@@ -864,17 +1089,22 @@ print_local_summary() {
       state="running (pid $pid)"
     elif ! service_available "$svc"; then
       state="not installed yet"
+    elif [[ "$svc" == trainer ]] && ! trainer_enabled; then
+      state="off (SETUP_TRAINER=0)"
+    elif state="$(read_state "$svc")" && [[ "$state" == exited\ * ]]; then
+      state="exited (code ${state#exited })"
     else
       state="not started"
     fi
-    printf '  %-10s %-20s %s\n' "$svc" "$state" "$(describe_service "$svc")"
+    printf '  %-10s %-21s %s\n' "$svc" "$state" "$(describe_service "$svc")"
   done
   py_shown="$PY"
   [[ "$py_shown" == "$ROOT/"* ]] && py_shown="${py_shown#"$ROOT/"}"
   cat <<EOF
 Watch alerts:   KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS $py_shown -m consumer
+Train now:      ./setup.sh train       (one training in the foreground, into $MODELS_DIR/)
 Status:         ./setup.sh status      Logs: ./setup.sh logs [service]
-Stop:           ./setup.sh stop        Reset (stop + delete run/ and parquet_data/*): ./reset.sh
+Stop:           ./setup.sh stop        Reset (stop + delete run/, models/, parquet_data/*): ./reset.sh
 EOF
 }
 
@@ -915,7 +1145,11 @@ status_local() {
       show_log_tail "$svc" 5
     else
       state="stopped"
-      service_available "$svc" || state="stopped (not installed yet)"
+      if ! service_available "$svc"; then
+        state="stopped (not installed yet)"
+      elif [[ "$svc" == trainer && "$(local_env_value SETUP_TRAINER)" == 0 ]]; then
+        state="stopped (SETUP_TRAINER=0; ./setup.sh train trains on demand)"
+      fi
       printf '  %-10s %s\n' "$svc" "$state"
     fi
   done
@@ -924,9 +1158,17 @@ status_local() {
   else
     printf 'Broker %s:%s is not reachable\n' "$BROKER_HOST" "$BROKER_PORT"
   fi
+  model_line "$(models_dir)"
   if service_up detector; then
     detector_progress
   fi
+}
+
+# MODELS_DIR: the caller's, else what the last start used, else models/.
+models_dir() {
+  local dir="${MODELS_DIR:-}"
+  [[ -n "$dir" ]] || dir="$(local_env_value MODELS_DIR)"
+  echo "${dir:-models}"
 }
 
 # The detector's epoch, last committed batch and lag (python -m spark_job.status), with the
@@ -1029,6 +1271,45 @@ logs_local() {
   tail -n 50 "${files[@]}"
 }
 
+# One training now, in the foreground: python -m spark_job.train with TRAIN_EVERY_HOURS=0 against
+# the files the last start used (PARQUET_DIR, MODELS_DIR from run/local.env unless set here), at
+# the trainer's CPU priority. Its output is the progress; its exit code is ours.
+train_local() {
+  local py parquet models pid nice rc=0 begun cmd=()
+  service_available trainer || die "$(service_source trainer) does not exist yet: nothing to \
+train with"
+  nice="$(trainer_nice)"
+  py="${FRAUDSTREAM_PYTHON:-}"
+  [[ -n "$py" ]] || py="$(local_env_value PYTHON)"
+  if [[ -n "$py" && -x "$py" ]]; then
+    PY="$py"
+  else
+    mkdir -p "$LOG_DIR"
+    setup_python
+  fi
+  check_java
+  parquet="${PARQUET_DIR:-}"
+  [[ -n "$parquet" ]] || parquet="$(local_env_value PARQUET_DIR)"
+  parquet="${parquet:-parquet_data}"
+  models="$(models_dir)"
+  if pid="$(service_pid trainer)"; then
+    info "the trainer service (pid $pid) keeps its own schedule; this training is one more"
+  fi
+  cmd=(env "PARQUET_DIR=$parquet" "MODELS_DIR=$models" TRAIN_EVERY_HOURS=0
+    "SPARK_LOCAL_IP=${SPARK_LOCAL_IP:-127.0.0.1}" "$PY" -m spark_job.train)
+  if ((nice > 0)) && have nice; then
+    cmd=(nice -n "$nice" "${cmd[@]}")
+  fi
+  info "training once now: python -m spark_job.train$(train_args_shown) \
+(PARQUET_DIR=$parquet, MODELS_DIR=$models, nice $nice)"
+  begun=$SECONDS
+  "${cmd[@]}" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} || rc=$?
+  info "python -m spark_job.train exited with code $rc after $((SECONDS - begun)) s"
+  report_training "$rc" "$models/"
+  model_line "$models"
+  exit "$rc"
+}
+
 # --- main ----------------------------------------------------------------------------------------------
 
 # Internal: launch() runs `setup.sh __supervise SERVICE PYTHON` as the service's supervisor.
@@ -1046,6 +1327,13 @@ while (($#)); do
     --no-follow) FOLLOW=0 ;;
     -h | --help | help) usage; exit 0 ;;
     start | stop | status | logs) ACTION="$1" ;;
+    train)
+      # Everything after `train` is for python -m spark_job.train.
+      ACTION=train
+      shift
+      TRAIN_ARGS=("$@")
+      break
+      ;;
     -*) usage_error "unknown option '$1'" ;;
     *)
       if [[ "$ACTION" == logs && -z "$LOG_SERVICE" ]]; then
@@ -1109,5 +1397,7 @@ case "$ACTION:$RESOLVED_MODE" in
   status:local) status_local ;;
   logs:docker) logs_docker ;;
   logs:local) logs_local ;;
+  train:docker) train_docker ;;
+  train:local) train_local ;;
   *) die "unknown mode '$RESOLVED_MODE' (from $MODE_FILE?)" ;;
 esac

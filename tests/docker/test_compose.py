@@ -26,6 +26,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 DEFAULT_SERVICES = {"kafka", "kafka-init", "producer", "spark_job", "consumer", "dashboard",
                     "kafdrop"}
 CLUSTER_SERVICES = {"spark-master", "spark-worker-1", "spark-worker-2", "spark_job_cluster"}
+TRAINER_SERVICES = {"trainer"}
 #: Services running our Python images, and the settings class whose env names they may use.
 PYTHON_SERVICES: dict[str, type[settings.BaseSettings]] = {
     "producer": settings.ProducerSettings,
@@ -36,7 +37,14 @@ PYTHON_SERVICES: dict[str, type[settings.BaseSettings]] = {
     "spark-master": settings.DetectorSettings,
     "spark-worker-1": settings.DetectorSettings,
     "spark-worker-2": settings.DetectorSettings,
+    "trainer": settings.TrainSettings,
 }
+#: Where the model versions live in every container that reads or writes them.
+MODELS_MOUNT = "/var/lib/fraudstream/models"
+#: Services that read the model versions (read-only), and the one that writes them.
+MODEL_READERS = {"spark_job", "spark_job_cluster", "dashboard", "spark-worker-1",
+                 "spark-worker-2"}
+MODEL_WRITER = "trainer"
 #: Environment read by something other than our settings classes.
 ALLOWED_PREFIXES = ("STREAMLIT_", "SPARK_", "JAVA_", "PYSPARK_")
 ALLOWED_NAMES = {"LOG_LEVEL"}  # read by fraudstream/logs.py
@@ -90,10 +98,24 @@ def compose_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names and not k.startswith("COMPOSE_")}
 
 
+def mounts(service: str) -> dict[str, tuple[str, str]]:
+    """Container path -> (source, mode) of a service's short-syntax volumes."""
+    out = {}
+    for volume in services()[service].get("volumes", []):
+        source, target, *mode = str(volume).split(":")
+        out[target] = (source, mode[0] if mode else "rw")
+    return out
+
+
 # --- compose accepts the file ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "cluster"]], ids=["default", "cluster"])
+PROFILES = {"default": [], "cluster": ["--profile", "cluster"],
+            "trainer": ["--profile", "trainer"],
+            "all": ["--profile", "cluster", "--profile", "trainer"]}
+
+
+@pytest.mark.parametrize("profile", PROFILES.values(), ids=PROFILES.keys())
 def test_docker_compose_config_accepts_the_file(profile: list[str]) -> None:
     binary = require_tool("docker-compose")
     result = subprocess.run(
@@ -101,7 +123,16 @@ def test_docker_compose_config_accepts_the_file(profile: list[str]) -> None:
         capture_output=True, text=True, timeout=60, env=compose_env(), check=False)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    expected = DEFAULT_SERVICES | (CLUSTER_SERVICES if profile else set())
+    expected = set(DEFAULT_SERVICES)
+    if "cluster" in profile:
+        expected |= CLUSTER_SERVICES
+    if "trainer" in profile:
+        expected |= TRAINER_SERVICES
+        trainer = resolved["services"]["trainer"]
+        assert trainer["environment"]["TRAIN_EVERY_HOURS"] == "6"
+        assert trainer["environment"]["MODELS_DIR"] == MODELS_MOUNT
+        assert trainer["command"] == ["python", "-m", "spark_job.train"]
+        assert trainer["profiles"] == ["trainer"]
     assert expected <= set(resolved["services"])
     # compose resolved the anchors and defaults to what the services expect
     assert resolved["services"]["producer"]["environment"]["TRANSACTIONS_TOPIC"] == \
@@ -115,7 +146,7 @@ def test_docker_compose_v2_accepts_the_file_when_present() -> None:
                            check=False) if shutil.which("docker") else None
     if probe is None or probe.returncode != 0:
         pytest.skip("the docker compose v2 plugin is not installed (v1 is checked above)")
-    for profile in ([], ["--profile", "cluster"]):
+    for profile in PROFILES.values():
         result = subprocess.run(
             ["docker", "compose", "-p", "fraudstream", "-f", str(COMPOSE_FILE), *profile,
              "config", "-q"], capture_output=True, text=True, timeout=60, env=compose_env(),
@@ -126,11 +157,14 @@ def test_docker_compose_v2_accepts_the_file_when_present() -> None:
 # --- structure ------------------------------------------------------------------------------------
 
 
-def test_service_set_and_cluster_profile() -> None:
+def test_service_set_and_profiles() -> None:
     default = {name for name, svc in services().items() if not svc.get("profiles")}
     cluster = {name for name, svc in services().items() if "cluster" in svc.get("profiles", [])}
+    trainer = {name for name, svc in services().items() if "trainer" in svc.get("profiles", [])}
     assert default == DEFAULT_SERVICES
     assert cluster == CLUSTER_SERVICES
+    assert trainer == TRAINER_SERVICES
+    assert services()["trainer"]["profiles"] == ["trainer"]
 
 
 def test_no_zookeeper_anywhere() -> None:
@@ -251,8 +285,11 @@ def test_service_env_names_are_settings_of_that_program() -> None:
         for name in env(service):
             assert name in known or name in ALLOWED_NAMES or name.startswith(ALLOWED_PREFIXES), \
                 f"{service}: {name} is not a setting of {cls.__name__}"
-        if service != "spark-master":  # the master never talks to Kafka
+        # The master never talks to Kafka; the trainer (TrainSettings) reads Parquet only.
+        if issubclass(cls, settings.KafkaSettings) and service != "spark-master":
             assert env(service)["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:29092", service
+        else:
+            assert "KAFKA_BOOTSTRAP_SERVERS" not in env(service) or service == "spark-master"
     assert "LOG_LEVEL" in (REPO / "fraudstream" / "logs.py").read_text()
     # Topic variables default to the contract's names.
     for service in PYTHON_SERVICES:
@@ -305,6 +342,114 @@ def test_detector_storage_and_cluster_wiring() -> None:
     assert submit_args.endswith("pyspark-shell")
 
 
+def test_trainer_service() -> None:
+    """python -m spark_job.train on the detector's image, on a schedule, with no Kafka, no
+    ports and a lower CPU weight than the detector."""
+    svcs = services()
+    trainer = svcs["trainer"]
+    assert command("trainer") == ["python", "-m", "spark_job.train"]
+    assert trainer["image"] == svcs["spark_job"]["image"]
+    assert trainer["build"] == svcs["spark_job"]["build"]
+    assert trainer["build"]["target"] == "spark"
+    assert trainer["restart"] == "unless-stopped"
+    assert trainer.get("init") is True
+    assert "ports" not in trainer and "depends_on" not in trainer
+    assert int(trainer["cpu_shares"]) < 1024, "the detector must win the CPU on 2 cores"
+    e, raw = env("trainer"), raw_env("trainer")
+    # `unless-stopped` restarts after every exit: the service must train on a schedule (> 0),
+    # not once (0), or Docker would retrain in a loop.
+    assert raw["TRAIN_EVERY_HOURS"] == "${TRAIN_EVERY_HOURS:-6}"
+    assert float(e["TRAIN_EVERY_HOURS"]) > 0
+    assert e["PARQUET_DIR"] == env("spark_job")["PARQUET_DIR"]
+    assert e["MODELS_DIR"] == MODELS_MOUNT
+    assert e["SPARK_MASTER"].startswith("local[")
+    assert mounts("trainer")[e["PARQUET_DIR"]] == ("./parquet_data", "ro")
+
+
+def test_trainer_env_defaults_are_the_settings_defaults() -> None:
+    """Every ``NAME: ${NAME:-default}`` of the trainer repeats TrainSettings' default (so the
+    file and ``python -m spark_job.train --help`` agree), except the schedule: the service
+    trains every 6 h where the program's default is once."""
+    fields = {f.metadata["env"]: f.name for f in dataclasses.fields(settings.TrainSettings)
+              if f.metadata.get("env")}
+    defaults = settings.TrainSettings()
+    assert defaults.every_hours == 0
+    checked = set()
+    for name, value in raw_env("trainer").items():
+        match = _VARIABLE.fullmatch(value)
+        if not match or match.group("name") != name or name not in fields \
+                or name == "TRAIN_EVERY_HOURS":
+            continue
+        loaded, _ = settings.load_settings(settings.TrainSettings, [],
+                                           {name: match.group("default")})
+        assert getattr(loaded, fields[name]) == getattr(defaults, fields[name]), name
+        checked.add(name)
+    assert {"TRAIN_ALGORITHM", "TRAIN_HOLDOUT_FRACTION", "TRAIN_MIN_TRANSACTIONS",
+            "TRAIN_SEED"} <= checked
+
+
+def test_models_volume_is_shared_read_only_except_by_the_trainer() -> None:
+    assert "models" in compose()["volumes"]
+    for name in MODEL_READERS | {MODEL_WRITER}:
+        assert mounts(name).get(MODELS_MOUNT, ("", ""))[0] == "models", \
+            f"{name}: the models volume is not mounted at {MODELS_MOUNT}"
+    for name in MODEL_READERS:
+        assert mounts(name)[MODELS_MOUNT][1] == "ro", f"{name} may not write models"
+    assert mounts(MODEL_WRITER)[MODELS_MOUNT][1] == "rw"
+    # Every program that reads MODELS_DIR gets the mount's path.
+    for name in ("spark_job", "spark_job_cluster", "dashboard", "trainer"):
+        assert env(name)["MODELS_DIR"] == MODELS_MOUNT, name
+    for cls in (settings.DetectorSettings, settings.DashboardSettings, settings.TrainSettings):
+        assert "MODELS_DIR" in settings.env_names(cls), cls.__name__
+
+
+def test_verdicts_database_is_shared_by_consumer_dashboard_and_trainer() -> None:
+    """The default VERDICTS_URL is a SQLite file under run/ of the working directory (/app in
+    both images): one named volume there gives the console, the review queue and the trainer's
+    labels the same database (VERDICTS_URL may be a secret, so the file sets none)."""
+    from dockerfile_parse import DockerfileParser
+
+    assert settings.VERDICTS_URL_DEFAULT == "sqlite:///run/verdicts.db"
+    parser = DockerfileParser(path=str(REPO / "docker" / "Dockerfile"))
+    workdirs = {i["value"] for i in parser.structure if i["instruction"] == "WORKDIR"}
+    assert "/app" in workdirs
+    assert "verdicts" in compose()["volumes"]
+    for name in ("consumer", "dashboard", "trainer"):
+        assert mounts(name)["/app/run"] == ("verdicts", "rw"), name
+        assert "VERDICTS_URL" not in env(name), name
+
+
+def test_named_volume_mount_points_exist_in_the_image_owned_by_the_app_user() -> None:
+    """A fresh named volume takes the owner of the folder it is first mounted on; a folder the
+    image lacks would be created root-owned and unwritable for the unprivileged user."""
+    from dockerfile_parse import DockerfileParser
+
+    parser = DockerfileParser(path=str(REPO / "docker" / "Dockerfile"))
+    runs: dict[str, str] = {}
+    stage = ""
+    for item in parser.structure:
+        if item["instruction"] == "FROM":
+            stage = item["value"].split()[-1]
+        elif item["instruction"] == "RUN":
+            runs[stage] = runs.get(stage, "") + "\n" + item["value"]
+    named = set(compose()["volumes"])
+    for name, svc in services().items():
+        build = svc.get("build")
+        if not build:
+            continue
+        text = runs[build["target"]]
+        made = {w for line in re.findall(r"mkdir -p ([^&]+)", text) for w in line.split()
+                if w.startswith("/")}
+        owned = {w for line in re.findall(r"chown -R fraudstream: ([^&]+)", text)
+                 for w in line.split() if w.startswith("/")}
+        for target, (source, _mode) in mounts(name).items():
+            if source not in named:
+                continue
+            assert target in made, f"{name}: {target} is not created in the {build['target']} image"
+            assert any(target == o or target.startswith(o.rstrip("/") + "/") for o in owned), \
+                f"{name}: {target} is not owned by the app user in the {build['target']} image"
+
+
 def test_build_targets_exist_in_the_dockerfile() -> None:
     from dockerfile_parse import DockerfileParser
 
@@ -334,13 +479,22 @@ def test_every_python_service_command_is_python_dash_m() -> None:
     for name in PYTHON_SERVICES:
         cmd = command(name)
         assert cmd[:2] in (["python", "-m"], ["spark-class", cmd[1]]), f"{name}: {cmd}"
-    assert set(MODULE_COMMANDS) == {"producer", "spark_job", "consumer", "dashboard"}
+    assert set(MODULE_COMMANDS) == {"producer", "spark_job", "consumer", "dashboard",
+                                    "spark_job.train"}
+
+
+def module_source(module: str) -> Path:
+    """The file ``python -m module`` runs."""
+    path = REPO / module.replace(".", "/")
+    return path / "__main__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 @pytest.mark.parametrize("module", MODULE_COMMANDS)
 def test_service_module_answers_help(module: str) -> None:
-    if not (REPO / module / "__main__.py").is_file():
-        pytest.skip(f"{module}/__main__.py does not exist yet (the module is written separately)")
+    source = module_source(module)
+    if not source.is_file():
+        pytest.skip(f"{source.relative_to(REPO)} does not exist yet (the module is written "
+                    "separately)")
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stderr

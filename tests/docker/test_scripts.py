@@ -74,7 +74,7 @@ def path_without(tmp_path: Path, *names: str) -> str:
 def clean_env(**extra: str) -> dict[str, str]:
     """The caller's environment without settings that would change what the scripts do."""
     prefixes = ("KAFKA_", "BROKER_", "FRAUDSTREAM_", "PRODUCER_", "JAVA_HOME", "COMPOSE_",
-                "STREAMLIT_")
+                "STREAMLIT_", "SETUP_", "TRAIN_", "MODELS_DIR", "PARQUET_DIR")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(extra)
     return env
@@ -136,7 +136,8 @@ def test_setup_help_lists_modes_commands_and_variables() -> None:
     assert result.returncode == 0
     for word in ("--docker", "--local", "--cluster", "status", "stop", "logs", "BROKER_PORT",
                  "FRAUDSTREAM_SERVICES", "FRAUDSTREAM_PYTHON", "python -m consumer",
-                 "logs -f consumer"):
+                 "logs -f consumer", "train [ARGS...]", "SETUP_TRAINER=1", "SETUP_TRAINER_NICE",
+                 "TRAIN_EVERY_HOURS=6", "MODELS_DIR=models"):
         assert word in result.stdout, word
 
 
@@ -145,6 +146,47 @@ def test_setup_rejects_bad_arguments_with_exit_2(args: list[str]) -> None:
     result = run(["./setup.sh", *args], REPO)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "--help" in result.stderr
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("SETUP_TRAINER", "yes"), ("SETUP_TRAINER_NICE", "20"), ("SETUP_TRAINER_NICE", "-1"),
+])
+def test_setup_rejects_bad_trainer_variables_with_exit_2(tmp_path: Path, variable: str,
+                                                          value: str) -> None:
+    root = make_sandbox(tmp_path)
+    env = clean_env(**{variable: value}, FRAUDSTREAM_PYTHON=sys.executable)
+    result = run(["./setup.sh", "--local"], root, env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{variable} must be" in result.stderr
+    assert not (root / "run" / "pids").exists() or not list((root / "run" / "pids").iterdir())
+
+
+def _local_services_line(root: Path, **extra: str) -> str:
+    """The service list the local start announces. FRAUDSTREAM_PYTHON names no interpreter,
+    so the start stops right after announcing it: nothing is installed or started."""
+    env = clean_env(FRAUDSTREAM_PYTHON="/nonexistent/python", **extra)
+    result = run(["./setup.sh", "--local"], root, env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot import fraudstream" in result.stderr
+    return next(line for line in result.stdout.splitlines() if "services:" in line)
+
+
+def test_the_trainer_is_a_default_service_unless_setup_trainer_is_0(tmp_path: Path) -> None:
+    root = make_sandbox(tmp_path)
+    assert _local_services_line(root).endswith(
+        "services: broker producer detector dashboard trainer)")
+    assert _local_services_line(root, SETUP_TRAINER="0").endswith(
+        "services: broker producer detector dashboard)")
+    # SETUP_TRAINER=0 wins over a FRAUDSTREAM_SERVICES that names the trainer, and says so.
+    env = clean_env(FRAUDSTREAM_PYTHON="/nonexistent/python", SETUP_TRAINER="0",
+                    FRAUDSTREAM_SERVICES="trainer producer")
+    result = run(["./setup.sh", "--local"], root, env)
+    assert "services: producer)" in result.stdout
+    assert "SETUP_TRAINER=0: the trainer is not started" in result.stdout
+    env["FRAUDSTREAM_SERVICES"] = "trainer"
+    result = run(["./setup.sh", "--local"], root, env)
+    assert result.returncode == 2
+    assert "selects only the trainer, and SETUP_TRAINER=0 leaves it out" in result.stderr
 
 
 def test_setup_rejects_an_unknown_service(tmp_path: Path) -> None:
@@ -161,16 +203,44 @@ def test_status_of_a_fresh_checkout_shows_everything_stopped(tmp_path: Path) -> 
     env = clean_env(BROKER_PORT="1")  # nothing listens on port 1
     result = run(["./setup.sh", "--local", "status"], root, env)
     assert result.returncode == 0, result.stderr
-    for service in ("broker", "producer", "detector", "dashboard"):
+    for service in ("broker", "producer", "detector", "dashboard", "trainer"):
         assert any(line.split()[:2] == [service, "stopped"] for line in result.stdout.splitlines()
                    ), f"{service} not reported stopped:\n{result.stdout}"
     assert "127.0.0.1:1 is not reachable" in result.stdout
+    assert "Model: none in models/ (the detector runs on rules alone; ./setup.sh train " \
+           "trains one now)" in result.stdout.splitlines()
+
+
+def test_status_shows_the_newest_complete_model_version(tmp_path: Path) -> None:
+    """Version folders sort by name (training time); one without model.json is still being
+    written (or was abandoned), and a "."-prefixed one is a temporary folder: as the detector
+    sees them (fraudstream.model.model_versions / newest_model)."""
+    root = make_sandbox(tmp_path)
+    models = tmp_path / "elsewhere" / "models"
+    for name, complete in (("20261201T000000Z", True), ("20261202T061500Z", True),
+                           ("20261202T120000Z", False), (".20261203T000000Z.tmp", True)):
+        (models / name).mkdir(parents=True)
+        if complete:
+            (models / name / "model.json").write_text("{}")
+    (models / "notes.txt").write_text("not a version")
+    env = clean_env(BROKER_PORT="1", MODELS_DIR=str(models))
+    result = run(["./setup.sh", "--local", "status"], root, env)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("Model:"))
+    assert line == (f"Model: 20261202T061500Z, the newest of 3 version folder(s) in {models}/; "
+                    "without model.json (being written, or abandoned): 20261202T120000Z")
+    # MODELS_DIR recorded by the last start is used when the caller sets none.
+    (root / "run").mkdir()
+    (root / "run" / "local.env").write_text(f"BROKER_PORT=1\nMODELS_DIR={models}\n")
+    result = run(["./setup.sh", "--local", "status"], root, clean_env())
+    assert "Model: 20261202T061500Z" in result.stdout, result.stdout
 
 
 def test_reset_help() -> None:
     result = run(["./reset.sh", "--help"], REPO)
     assert result.returncode == 0
     assert "--yes" in result.stdout and "down --volumes --remove-orphans" in result.stdout
+    assert "models/" in result.stdout and "MODELS_DIR elsewhere is not touched" in result.stdout
 
 
 # --- Java check --------------------------------------------------------------------------------
@@ -236,11 +306,29 @@ def test_reset_without_yes_and_without_a_terminal_deletes_nothing(tmp_path: Path
     root = make_sandbox(tmp_path)
     (root / "run" / "logs").mkdir(parents=True)
     (root / "parquet_data" / "alerts").mkdir()
+    (root / "models" / "20261202T061500Z").mkdir(parents=True)
     result = run(["./reset.sh"], root)
     assert result.returncode == 1
     assert "pass --yes" in result.stderr
+    assert "delete run/, models/ and everything in parquet_data/" in result.stdout
     assert (root / "run" / "logs").is_dir()
     assert (root / "parquet_data" / "alerts").is_dir()
+    assert (root / "models" / "20261202T061500Z").is_dir()
+
+
+def test_reset_deletes_models_but_not_what_a_models_symlink_points_to(tmp_path: Path) -> None:
+    root = make_sandbox(tmp_path)
+    outside = tmp_path / "kept-models" / "20261202T061500Z"
+    outside.mkdir(parents=True)
+    (outside / "model.json").write_text("{}")
+    (root / "models").symlink_to(outside.parent)
+    env = clean_env(FRAUDSTREAM_PYTHON=sys.executable,
+                    PATH=path_without(tmp_path, "docker", "docker-compose"))
+    result = run(["./reset.sh", "--yes"], root, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (root / "models").exists() and not (root / "models").is_symlink()
+    assert (outside / "model.json").read_text() == "{}"
+    assert "run/ and models/ removed" in result.stdout
 
 
 # --- kafka-init.sh -----------------------------------------------------------------------------
@@ -287,14 +375,16 @@ def test_kafka_init_honours_partitions_and_rejects_nonsense(tmp_path: Path) -> N
 # --- Docker branch, against a recording docker CLI -----------------------------------------------
 
 FAKE_DOCKER = r"""#!/usr/bin/env bash
-# Records every call; answers like a Docker engine whose containers are all healthy.
+# Records every call; answers like a Docker engine whose containers are all healthy. A one-off
+# `compose run` exits with FAKE_RUN_RC (default 0).
 echo "docker $*" >> "$CALLS"
 case "$1" in
   info) exit 0 ;;
   inspect) if [[ "${@: -1}" == cid-kafka-init ]]; then echo "exited 0"; else echo healthy; fi ;;
   compose)
     [[ "$2" == version ]] && { [[ -n "${FAKE_NO_V2:-}" ]] && exit 1; echo "v2.40.0"; exit 0; }
-    if [[ " $* " == *" ps "* ]]; then echo "cid-${@: -1}"; fi ;;
+    if [[ " $* " == *" ps "* ]]; then echo "cid-${@: -1}"; fi
+    if [[ " $* " == *" run "* ]]; then exit "${FAKE_RUN_RC:-0}"; fi ;;
 esac
 exit 0
 """
@@ -302,6 +392,7 @@ exit 0
 FAKE_COMPOSE_V1 = r"""#!/usr/bin/env bash
 echo "docker-compose $*" >> "$CALLS"
 if [[ " $* " == *" ps "* ]]; then echo "cid-${@: -1}"; fi
+if [[ " $* " == *" run "* ]]; then exit "${FAKE_RUN_RC:-0}"; fi
 exit 0
 """
 
@@ -334,15 +425,60 @@ def test_docker_mode_builds_and_starts_the_pinned_project(
     result = run(["./setup.sh"], root, env)
     assert result.returncode == 0, result.stdout + result.stderr
     prefix = f"{compose} -p fraudstream -f {root}/docker-compose.yml"
-    assert f"{prefix} up -d --build" in _calls(calls, compose)
-    for text in ("http://localhost:8501", "http://localhost:9000", "logs -f consumer"):
+    # The trainer (profile `trainer`) is part of the default start, like in local mode.
+    assert f"{prefix} --profile trainer up -d --build" in _calls(calls, compose)
+    for text in ("http://localhost:8501", "http://localhost:9000", "logs -f consumer",
+                 "Trainer                 every 6 h into the volume 'models'",
+                 "Train now:      ./setup.sh train"):
         assert text in result.stdout
     assert (root / "run" / "mode").read_text().strip() == "docker"
+
+    result = run(["./setup.sh", "status"], root, env)
+    assert result.returncode == 0, result.stderr
+    assert f"{prefix} --profile cluster --profile trainer ps" in _calls(calls, compose)
 
     result = run(["./setup.sh", "stop"], root, env)
     assert result.returncode == 0, result.stderr
     downs = [c for c in _calls(calls, compose) if " down" in c]
-    assert downs == [f"{prefix} --profile cluster down"], "stop keeps the volumes"
+    assert downs == [f"{prefix} --profile cluster --profile trainer down"], \
+        "stop takes down every profile's containers and keeps the volumes"
+
+
+def test_docker_mode_without_the_trainer(
+        docker_sandbox: tuple[Path, dict[str, str], Path, str]) -> None:
+    root, env, calls, compose = docker_sandbox
+    result = run(["./setup.sh", "--docker"], root, {**env, "SETUP_TRAINER": "0"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    ups = [c for c in _calls(calls, compose) if " up " in f"{c} "]
+    assert ups == [f"{compose} -p fraudstream -f {root}/docker-compose.yml up -d --build"]
+    assert "Trainer                 off (SETUP_TRAINER=0)" in result.stdout
+
+
+@pytest.mark.parametrize("hours", ["0", "0.0", "six"])
+def test_docker_trainer_service_refuses_a_schedule_of_0(
+        docker_sandbox: tuple[Path, dict[str, str], Path, str], hours: str) -> None:
+    """`restart: unless-stopped` restarts the trainer after every exit: TRAIN_EVERY_HOURS=0
+    (train once, exit) would retrain in a loop, so the Docker start refuses it."""
+    root, env, calls, compose = docker_sandbox
+    result = run(["./setup.sh", "--docker"], root, {**env, "TRAIN_EVERY_HOURS": hours})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "TRAIN_EVERY_HOURS must be a number of hours > 0" in result.stderr
+    assert not [c for c in _calls(calls, compose) if " up " in f"{c} "]
+
+
+@pytest.mark.parametrize("rc", [0, 2])
+def test_docker_train_runs_one_training_in_a_one_off_trainer_container(
+        docker_sandbox: tuple[Path, dict[str, str], Path, str], rc: int) -> None:
+    root, env, calls, compose = docker_sandbox
+    result = run(["./setup.sh", "--docker", "train", "--algorithm", "gbt"], root,
+                 {**env, "FAKE_RUN_RC": str(rc)})
+    assert result.returncode == rc, result.stdout + result.stderr
+    runs = [c for c in _calls(calls, compose) if " run " in c]
+    assert runs == [f"{compose} -p fraudstream -f {root}/docker-compose.yml --profile trainer "
+                    "run --rm -e TRAIN_EVERY_HOURS=0 -T trainer python -m spark_job.train "
+                    "--algorithm gbt"]
+    expected = "training finished (exit code 0)" if rc == 0 else "training refused (exit code 2)"
+    assert expected in result.stdout
 
 
 def test_docker_cluster_profile_replaces_the_local_detector(
@@ -351,7 +487,8 @@ def test_docker_cluster_profile_replaces_the_local_detector(
     result = run(["./setup.sh", "--docker", "--cluster"], root, env)
     assert result.returncode == 0, result.stdout + result.stderr
     prefix = f"{compose} -p fraudstream -f {root}/docker-compose.yml"
-    assert f"{prefix} --profile cluster up -d --build --scale spark_job=0" in _calls(calls, compose)
+    assert f"{prefix} --profile cluster --profile trainer up -d --build --scale spark_job=0" \
+        in _calls(calls, compose)
     assert "http://localhost:8080" in result.stdout
 
 
@@ -360,12 +497,14 @@ def test_reset_takes_down_only_this_project_with_its_volumes(
     root, env, calls, compose = docker_sandbox
     (root / "run" / "checkpoint").mkdir(parents=True)
     (root / "parquet_data" / "alerts").mkdir()
+    (root / "models" / "20261202T061500Z").mkdir(parents=True)
     (root / "notes.txt").write_text("mine")
     result = run(["./reset.sh", "--yes"], root, env)
     assert result.returncode == 0, result.stdout + result.stderr
     issued = calls.read_text().splitlines()
-    assert f"{compose} -p fraudstream -f {root}/docker-compose.yml --profile cluster down " \
-           "--volumes --remove-orphans" in issued
+    assert f"{compose} -p fraudstream -f {root}/docker-compose.yml --profile cluster " \
+           "--profile trainer down --volumes --remove-orphans" in issued
+    assert not (root / "models").exists()
     for call in issued:
         assert "prune" not in call and " rm " not in f"{call} " and "volume rm" not in call
         if " down" in call:

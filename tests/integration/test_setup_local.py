@@ -5,7 +5,9 @@ port, with a PATH that has no docker client at all.
 FRAUDSTREAM_PYTHON makes setup.sh use this interpreter instead of creating .venv, and
 FRAUDSTREAM_SERVICES="broker producer" keeps Spark and Streamlit out, so the module stays fast.
 The tests run in file order and share one started pipeline; the tests of a service that keeps
-crashing use a second sandbox with the producer only.
+crashing use a second sandbox with the producer only, and the model trainer's tests a third one
+with the trainer alone, on an empty Parquet history (so the real `python -m spark_job.train`
+refuses every round after reading it, without starting Spark).
 
 Every service runs under setup.sh's supervisor (`setup.sh __supervise SERVICE PYTHON`), which
 leads the service's process group and restarts it when it fails.
@@ -176,7 +178,7 @@ def make_sandbox(base: Path, services: tuple[str, ...], **extra: str) -> Sandbox
     (root / "parquet_data").mkdir()
     (root / "parquet_data" / ".gitkeep").touch()
     drop = ("KAFKA_", "BROKER_", "FRAUDSTREAM_", "PRODUCER_", "PARQUET_DIR", "CHECKPOINT_DIR",
-            "SETUP_", "ON_BROKER_RESET")
+            "SETUP_", "ON_BROKER_RESET", "MODELS_DIR", "TRAIN_", "VERDICTS_URL")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update({
         "PATH": _path_without_docker(base / "bin"),
@@ -253,6 +255,24 @@ def test_running_setup_again_starts_no_duplicates(sandbox: Sandbox) -> None:
     assert {s: sandbox.pid(s) for s in SERVICES} == before
     assert processes_running_module("producer", sandbox.root) == [before["producer"]]
     assert processes_running_module("fraudstream.broker", sandbox.root) == [before["broker"]]
+
+
+def test_setup_trainer_0_leaves_the_trainer_out(sandbox: Sandbox) -> None:
+    env = {**sandbox.env, "FRAUDSTREAM_SERVICES": "broker producer trainer", "SETUP_TRAINER": "0"}
+    result = subprocess.run(["./setup.sh", "--local"], cwd=sandbox.root, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "services: broker producer)" in result.stdout
+    assert "SETUP_TRAINER=0: the trainer is not started" in result.stdout
+    assert "broker is already running" in result.stdout
+    assert sandbox.pid("trainer") is None and sandbox.supervisor("trainer") is None
+    assert processes_running_module("spark_job.train", sandbox.root) == []
+    line = sandbox.status_line("trainer")
+    assert line.split()[1] == "stopped", line
+    if (sandbox.root / "spark_job" / "train.py").is_file():
+        assert "off (SETUP_TRAINER=0)" in result.stdout
+        assert "stopped (SETUP_TRAINER=0; ./setup.sh train trains on demand)" in line, line
 
 
 def test_transactions_reach_the_broker(sandbox: Sandbox) -> None:
@@ -368,6 +388,9 @@ def test_reset_stops_services_and_deletes_only_generated_state(sandbox: Sandbox)
     alerts.mkdir()
     (alerts / "part-0.parquet").write_bytes(b"PAR1")
     (sandbox.root / "parquet_data" / "_metrics.jsonl").write_text("{}\n")
+    version = sandbox.root / "models" / "20261202T061500Z"
+    version.mkdir(parents=True)
+    (version / "model.json").write_text("{}")
     mine = sandbox.root / "my-notes.txt"
     mine.write_text("keep me")
 
@@ -375,6 +398,7 @@ def test_reset_stops_services_and_deletes_only_generated_state(sandbox: Sandbox)
     assert result.returncode == 0, result.stdout + result.stderr
     assert wait_until_gone([p for p in pids if p]) == []
     assert not (sandbox.root / "run").exists()
+    assert not (sandbox.root / "models").exists()
     assert sorted(p.name for p in (sandbox.root / "parquet_data").iterdir()) == [".gitkeep"]
     assert mine.read_text() == "keep me"
     assert (sandbox.root / "setup.sh").is_file() and (sandbox.root / "fraudstream").is_dir()
@@ -441,6 +465,142 @@ def test_stop_during_the_pause_before_a_restart_is_fast_and_restarts_nothing(
     assert crashing.log("producer").count("starting producer") == starts
     assert processes_running_module("producer", crashing.root) == []
     assert supervisors_of(crashing.root) == []
+
+
+# --- the model trainer (a third sandbox: the trainer alone; it needs no broker) -----------------
+
+TRAINER = ("trainer",)
+
+
+def nice_of(pid: int) -> int:
+    """The niceness of a process (field 19 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])  # fields[0] is field 3 (state)
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of a process so far, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def wait_for_log(box: Sandbox, service: str, text: str, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    log = ""
+    while time.monotonic() < deadline:
+        log = box.log(service)
+        if text in log:
+            return log
+        time.sleep(0.3)
+    raise AssertionError(f"{text!r} not in the {service} log after {timeout} s:\n{log[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def trainer_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """The real trainer on the sandbox's empty parquet_data/ (the default PARQUET_DIR) and
+    models/ (the default MODELS_DIR), on the default schedule (TRAIN_EVERY_HOURS=6)."""
+    if not (REPO / "spark_job" / "train.py").is_file():
+        pytest.skip("spark_job/train.py does not exist yet (written separately)")
+    box = make_sandbox(tmp_path_factory.mktemp("setup-trainer"), TRAINER)
+    try:
+        yield box
+    finally:
+        box.run("setup.sh", "stop", timeout=60)
+        kill_leftovers(box, TRAINER)
+
+
+def test_the_trainer_is_supervised_niced_and_idle_between_rounds(trainer_box: Sandbox) -> None:
+    started = trainer_box.run("setup.sh", "--local")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "started trainer" in started.stdout
+    assert "model versions in models/, every 6 h" in started.stdout
+    pid, supervisor = trainer_box.pid("trainer"), trainer_box.supervisor("trainer")
+    assert pid is not None and alive(pid) and supervisor is not None and alive(supervisor)
+    assert os.getpgid(supervisor) == supervisor == os.getsid(supervisor)
+    assert os.getpgid(pid) == supervisor
+    assert nice_of(pid) == 10, "the trainer runs at SETUP_TRAINER_NICE=10"
+    assert processes_running_module("spark_job.train", trainer_box.root) == [pid]
+    # The first round reads the (empty) history, saves nothing and waits for the next one.
+    log = wait_for_log(trainer_box, "trainer", "saved no model")
+    assert "starting trainer (nice -n 10 " in log and " -m spark_job.train)" in log
+    time.sleep(1)
+    before = cpu_ticks(pid)
+    time.sleep(3)
+    assert cpu_ticks(pid) - before <= 5, "the trainer burns CPU between rounds"
+    assert trainer_box.pid("trainer") == pid and alive(pid)
+
+    status = trainer_box.run("setup.sh", "status")
+    assert status.returncode == 0, status.stderr
+    line = next(ln for ln in status.stdout.splitlines() if ln.split()[:1] == ["trainer"])
+    assert f"running (pid {pid}, up " in line, status.stdout
+    assert "Model: none in models/ (the detector runs on rules alone; ./setup.sh train " \
+           "trains one now)" in status.stdout.splitlines()
+
+
+def test_status_shows_the_newest_model_version(trainer_box: Sandbox) -> None:
+    models = trainer_box.root / "models"
+    for name in ("20261202T061500Z", "20261202T120000Z"):
+        (models / name).mkdir(parents=True)
+        (models / name / "model.json").write_text("{}")
+    (models / ".20261202T180000Z.tmp").mkdir()  # a version being written: not a version yet
+    try:
+        status = trainer_box.run("setup.sh", "status").stdout
+        assert "Model: 20261202T120000Z, the newest of 2 version folder(s) in models/" \
+            in status.splitlines(), status
+    finally:
+        shutil.rmtree(models)
+
+
+def test_setup_train_trains_once_in_the_foreground_with_its_exit_code(
+        trainer_box: Sandbox) -> None:
+    """The empty history makes the real trainer refuse: exit code 2, reported as such."""
+    result = trainer_box.run("setup.sh", "train", timeout=240)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "training once now: python -m spark_job.train (PARQUET_DIR=parquet_data, " \
+           "MODELS_DIR=models, nice 10)" in result.stdout
+    assert f"the trainer service (pid {trainer_box.pid('trainer')}) keeps its own schedule" \
+        in result.stdout
+    assert "python -m spark_job.train: " in out, "the trainer's own progress is shown"
+    assert "python -m spark_job.train exited with code 2 after " in result.stdout
+    assert "training refused (exit code 2): nothing was saved" in result.stdout
+    assert "Model: none in models/" in result.stdout
+    assert not (trainer_box.root / "models").exists() or \
+        not list((trainer_box.root / "models").iterdir())
+
+
+def test_stop_ends_the_trainer_without_a_restart(trainer_box: Sandbox) -> None:
+    pid, supervisor = trainer_box.pid("trainer"), trainer_box.supervisor("trainer")
+    assert pid and supervisor
+    result = trainer_box.run("setup.sh", "stop", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wait_until_gone([pid, supervisor]) == []
+    assert processes_running_module("spark_job.train", trainer_box.root) == []
+    assert trainer_box.log("trainer").count("starting trainer") == 1
+    assert trainer_box.status_line("trainer").split()[1] == "stopped"
+
+
+def test_a_one_off_trainer_that_refuses_is_not_restarted(trainer_box: Sandbox) -> None:
+    """TRAIN_EVERY_HOURS=0: train once and exit. Exit code 2 (here: no history) is an answer,
+    not a crash: retrying in 1, 2, 4 ... s would give the same answer, with a JVM each time."""
+    starts = trainer_box.log("trainer").count("starting trainer")
+    env = {**trainer_box.env, "TRAIN_EVERY_HOURS": "0"}
+    started = subprocess.run(["./setup.sh", "--local"], cwd=trainer_box.root, env=env,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=120, check=False)
+    assert started.returncode == 0, started.stdout + started.stderr
+    line = trainer_box.wait_for_status("trainer", "exited", timeout=120)
+    assert "exited (code 2, not restarted)" in line, line
+    status = trainer_box.run("setup.sh", "status").stdout
+    assert "setup.sh: trainer exited with code 2 (refused, see above); not restarted" in status
+    assert wait_until_gone(supervisors_of(trainer_box.root), timeout=10) == []
+    time.sleep(2.5)  # longer than the first two restart pauses
+    assert trainer_box.log("trainer").count("starting trainer") == starts + 1
+    assert "restart 1 of" not in trainer_box.log("trainer")
+    assert processes_running_module("spark_job.train", trainer_box.root) == []
+    result = trainer_box.run("setup.sh", "stop")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not list((trainer_box.root / "run" / "pids").iterdir())
 
 
 # --- stop and start with the detector: the memory-only broker comes back empty -------------------

@@ -318,13 +318,13 @@ def path_without_docker(folder: Path) -> str:
     return str(folder)
 
 
-def test_reset_deletes_nothing_but_run_and_parquet_data() -> None:
-    """Every deleting command in reset.sh names run/ or parquet_data/ (read, not run)."""
+def test_reset_deletes_nothing_but_run_parquet_data_and_models() -> None:
+    """Every deleting command in reset.sh names run/, parquet_data/ or models/ (read, not run)."""
     script = (REPO / "reset.sh").read_text()
     code = [line.split("#", 1)[0] for line in script.splitlines()]
     deleting = [line.strip() for line in code if re.search(r"\b(rm|rmdir|unlink|find)\b", line)
                 and not line.strip().startswith(("echo", "printf", "die"))]
     assert deleting, "reset.sh must delete something"
     for line in deleting:
-        assert re.search(r"(?:^|\s)(?:--\s+)?(run|parquet_data)\b", line), line
+        assert re.search(r"(?:^|\s)(?:--\s+)?(run|parquet_data|models)\b", line), line
     assert not re.search(r"\b(pkill|killall)\b|prune|volume rm|\brm -rf /|\$HOME|~/", script)
