@@ -60,10 +60,12 @@ class Feature:
     #: Format of a value in a reason, e.g. ``"{:.0f}"``; flags are shown as words.
     unit: str = "{:g}"
     flag: bool = False
+    #: A flag's words when it is off (default: "not " + label).
+    off: str = ""
 
     def show(self, value: float) -> str:
         if self.flag:
-            return self.label if value >= 0.5 else f"not {self.label}"
+            return self.label if value >= 0.5 else (self.off or f"not {self.label}")
         return f"{self.label} {self.unit.format(value)}"
 
 
@@ -78,9 +80,13 @@ FEATURES: Final[tuple[Feature, ...]] = (
     Feature("locations_10m", "locations in 10 min", "{:.0f}"),
     Feature("paypal_micro_5m", f"PayPal payments under {MICRO_AMOUNT:g} in 5 min", "{:.0f}"),
     Feature("seconds_since_previous", "seconds since the user's previous payment", "{:.0f}"),
-    Feature("new_location", "a location new for this user", flag=True),
-    Feature("new_device", "a device new for this user", flag=True),
-    Feature("new_merchant", "a merchant new for this user", flag=True),
+    # "New" within the history the features see (the last 10 min), not the user's lifetime.
+    Feature("new_location", "a location the user did not use in the last 10 min", flag=True,
+            off="a location the user used in the last 10 min"),
+    Feature("new_device", "a device the user did not use in the last 10 min", flag=True,
+            off="a device the user used in the last 10 min"),
+    Feature("new_merchant", "a merchant the user did not pay in the last 10 min", flag=True,
+            off="a merchant the user paid in the last 10 min"),
     Feature("hour_of_day", "hour of day (UTC)", "{:.0f}"),
     *(Feature(f"method_{method.lower()}", f"paid by {method}", flag=True)
       for method in PAYMENT_METHODS),
@@ -97,7 +103,8 @@ def user_features(buffer: Sequence[Tx], txs: Sequence[Tx]) -> list[list[float]]:
     times = [tx.event_us for tx in buffer]
     rows = []
     for tx in txs:
-        end = bisect_left(buffer, tx)  # strictly before tx
+        # Strictly before tx in (event time, id), whatever its other fields.
+        end = bisect_left(buffer, (tx.event_us, tx.transaction_id))
         start = bisect_left(times, tx.event_us - _HISTORY_US, 0, end)
         rows.append(_row(tx, buffer[start:end]))
     return rows

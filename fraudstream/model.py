@@ -288,7 +288,14 @@ def model_versions(models_dir: Path | str) -> list[Path]:
     root = Path(models_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=_version_order)
+
+
+def _version_order(folder: Path) -> tuple[str, int, str]:
+    """Training time first, then the number of a same-second suffix (``-2`` < ``-10``)."""
+    base, _, suffix = folder.name.partition("-")
+    return (base, int(suffix), "") if suffix.isdigit() else (base, 0, suffix)
 
 
 def newest_model(models_dir: Path | str) -> tuple[Scorer | None, list[str]]:

@@ -240,3 +240,13 @@ def test_the_engine_scores_new_transactions_and_ml_score_fires_on_its_own() -> N
     # No model: ml_score is silent and nothing carries a score.
     silent, _ = BucketState(ruleset=rules).process({"u1": burst})
     assert silent == []
+
+
+def test_versions_sort_by_time_then_by_same_second_number(tmp_path: Path) -> None:
+    from fraudstream.model import model_versions
+
+    for name in ("20261202T000000Z-10", "20261202T000000Z", "20261202T000000Z-2",
+                 "20261201T235959Z", ".20261203T000000Z.tmp"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in model_versions(tmp_path)] == [
+        "20261201T235959Z", "20261202T000000Z", "20261202T000000Z-2", "20261202T000000Z-10"]
