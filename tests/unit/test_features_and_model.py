@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 from fraudstream.features import FEATURE_NAMES, FEATURE_SET, FEATURES, user_features
-from fraudstream.model import MODEL_FILE, MODEL_FORMAT, ModelError, ModelSource, Scorer, newest_model
+from fraudstream.model import (
+    MODEL_FILE,
+    MODEL_FORMAT,
+    ModelError,
+    ModelSource,
+    Scorer,
+    newest_model,
+)
 from fraudstream.rules import MICROS, BucketState, RuleSet, Tx, definition_from_dict
 
 T0 = 1_764_670_000 * MICROS  # 2025-12-02T10:06:40Z
@@ -198,7 +205,7 @@ def test_missing_folder_and_missing_file_are_named(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
         Scorer.load(tmp_path / "nope")
     (tmp_path / "half").mkdir()
-    with pytest.raises(ModelError, match="model.json is missing"):
+    with pytest.raises(ModelError, match=r"model\.json is missing"):
         Scorer.load(tmp_path / "half")
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 
 from fraudstream import schemas
+from fraudstream.features import FEATURE_NAMES, FEATURE_SET
+from fraudstream.model import MODEL_FORMAT, Scorer
 from fraudstream.rules import (
     APPLIED,
     DELETED,
@@ -44,8 +46,6 @@ from fraudstream.rules import (
     default_definitions,
     kind_of,
 )
-from fraudstream.features import FEATURE_NAMES, FEATURE_SET
-from fraudstream.model import MODEL_FORMAT, Scorer
 from fraudstream.rules.definition import DEFAULTS_AUTHOR
 from fraudstream.rules.oracle import expected_alerts, expected_alerts_piecewise
 
