@@ -243,9 +243,11 @@ class BucketState:
         state still holds: a resend in a later batch is the same evidence and must not alert
         twice.
 
-        With a ``scorer`` (a loaded model), every new transaction is scored from its features
-        over the user's buffer (``fraudstream.features``); ``ml_score`` rules judge that score
-        and every alert carries its trigger's score and the reasons for it.
+        With a ``scorer`` (a loaded model), every alert carries the score of its trigger,
+        computed from the trigger's features over the user's buffer (``fraudstream.features``),
+        and the reasons for it. Only triggers are scored, unless a rule in force reads the score
+        of every transaction (``ml_score``): features cost far more than the rules, and most
+        transactions raise no alert.
         """
         windowed = self.ruleset.windowed
         single = self.ruleset.per_transaction
@@ -270,7 +272,9 @@ class BucketState:
                     unique.append(tx)
             if unique:
                 late_by_user.append((user_id, user, unique))
-        scores = _Scores.of(scorer, [*fresh_by_user, *late_by_user])
+        scores = _Scores(scorer, {}, {})
+        if any(rule.impl.reads_scores for rule in single):
+            scores.add([*fresh_by_user, *late_by_user])
         alerts: list[RuleAlert] = []
         for user_id, user, fresh in fresh_by_user:
             alerts.extend(_per_transaction_alerts(user_id, fresh, single, scores))
@@ -279,14 +283,15 @@ class BucketState:
         for user_id, _, unique in late_by_user:
             alerts.extend(_per_transaction_alerts(user_id, unique, single, scores))
         if scores.scorer is not None:
-            # A windowed alert can be triggered by a transaction of an earlier batch (one that
-            # arrived before, but is later in event time than, this batch's first): score it
-            # against the user's buffer now.
-            missing: dict[str, list[Tx]] = defaultdict(list)
+            # Triggers not scored yet: all of them unless a rule reads every score, and those
+            # of earlier batches (a transaction that arrived before, but is later in event
+            # time than, this batch's first can trigger a windowed alert now).
+            missing: dict[str, dict[str, Tx]] = defaultdict(dict)
             for alert in alerts:
                 if alert.trigger.transaction_id not in scores.rows:
-                    missing[alert.user_id].append(alert.trigger)
-            scores.add([(user_id, self.users[user_id], txs) for user_id, txs in missing.items()])
+                    missing[alert.user_id][alert.trigger.transaction_id] = alert.trigger
+            scores.add([(user_id, self.get(user_id), list(txs.values()))
+                        for user_id, txs in missing.items()])
         return scores.attach(alerts), duplicates
 
     def prune(self, watermark_us: int, horizon_us: int) -> None:
@@ -330,13 +335,6 @@ class _Scores:
         self.scorer = scorer
         self.rows = rows
         self.values = values
-
-    @classmethod
-    def of(cls, scorer: Scorer | None,
-           users: Sequence[tuple[str, UserState | None, list[Tx]]]) -> _Scores:
-        scores = cls(scorer, {}, {})
-        scores.add(users)
-        return scores
 
     def add(self, users: Sequence[tuple[str, UserState | None, list[Tx]]]) -> None:
         """Score each user's ``txs`` against the user's buffer."""

@@ -145,6 +145,9 @@ class RuleKind:
     #: Whether quality figures judge the kind against every labelled fraud rather than the
     #: generator's scenarios named after it (a model looks for fraud of any kind).
     judged_against_any_fraud: ClassVar[bool] = False
+    #: Whether the kind reads the model's score of every transaction (then every transaction
+    #: is scored; otherwise only the transactions that trigger an alert are).
+    reads_scores: ClassVar[bool] = False
 
     def validate(self, raw: Any) -> dict[str, int | float]:
         """Typed params from a definition's ``params`` object; raises ParamError."""
@@ -254,6 +257,7 @@ class MlScore(TransactionKind):
     defaults = MappingProxyType({"threshold": 0.9})
     published_by_default = False
     judged_against_any_fraud = True
+    reads_scores = True
 
     def fires(self, tx: Tx, params: Params, score: float | None = None) -> bool:
         return score is not None and score >= params["threshold"]
