@@ -15,6 +15,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ from fraudstream.rules.store import RulesTopic
 
 COLUMN = {name: index for index, name in enumerate(FEATURE_NAMES)}
 THRESHOLD = 0.8
-#: Longer than the model look-up interval of the detector's workers (ModelSource, 10 s).
-MODEL_PICKUP_SECONDS = 12
+#: Probe users per round: spread over the state buckets, so both shuffle partitions (and the
+#: Python worker of each) see some in every batch.
+PROBES = 64
 
 
 def stump(feature: str, threshold: float, low: float, high: float) -> dict[str, Any]:
@@ -82,6 +84,33 @@ def as_tx(record: dict[str, Any]) -> Tx:
     return Tx(int(moment.timestamp()) * MICROS + moment.microsecond, record["transaction_id"],
               float(record["amount"]), record["location"], record["payment_method"], 0,
               record["merchant_id"], record["device_ip"])
+
+
+def probe_until(done: Callable[[list[dict[str, Any]]], bool], what: str, bootstrap: str,
+                topic: str, checkpoint: Path, parquet: Path, produced: int, detector: Any
+                ) -> int:
+    """Send rounds of high-value probes until ``done`` holds for one round's alerts: the
+    detector's workers look for a new model version only while they work (every ~10 s at
+    most), so a change shows once batches run. Returns how many records were produced in
+    all."""
+    deadline = time.monotonic() + 90
+    for round_number in range(1000):
+        at = datetime.now(UTC) - timedelta(seconds=20)
+        probes = [payment(f"probe-{produced}-{round_number}-{i}", f"probe-{i}", at,
+                          amount=4100.0) for i in range(PROBES)]
+        produce(bootstrap, topic, transaction_records(probes))
+        produced += len(probes)
+        wait_for(lambda total=produced: caught_up(checkpoint, total), 60, "probes",
+                 alive=detector.alive)
+        ids = {p["transaction_id"] for p in probes}
+        alerts = [a for a in alert_rows(parquet)
+                  if a["rule"] == "high_value" and a["transaction_ids"][0] in ids]
+        assert len(alerts) == PROBES, alerts
+        if done(alerts):
+            return produced
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(1)  # pacing between rounds
+    raise AssertionError("unreachable")
 
 
 def expected_scores(scorer: Scorer, transactions: list[dict[str, Any]]
@@ -130,7 +159,10 @@ def test_a_model_is_taken_live_scores_alerts_and_drives_ml_score(
         assert "no usable model" in detector.log_path.read_text()
 
         good = install(models, MODEL["version"], json.dumps(MODEL))
-        time.sleep(MODEL_PICKUP_SECONDS)
+        # A round whose alerts all carry a score: every worker has taken the model.
+        produced = probe_until(lambda alerts: all(a["risk_score"] is not None for a in alerts),
+                               "every worker to take the model", bootstrap, topic, checkpoint,
+                               parquet, produced, detector)
         start = datetime.now(UTC) - timedelta(seconds=40)
         phase2 = [*burst("q1", start, 5), *burst("q2", start, 2),
                   payment("q3-0", "q3", start, amount=4200.0)]
@@ -158,7 +190,9 @@ def test_a_model_is_taken_live_scores_alerts_and_drives_ml_score(
                              for m in metrics_lines(parquet)), 30, "the model in the metrics")
 
         install(models, "20261203T000000Z", "{half a file")
-        time.sleep(MODEL_PICKUP_SECONDS)
+        produced = probe_until(lambda _: "20261203T000000Z" in detector.log_path.read_text(),
+                               "the corrupt version to be refused", bootstrap, topic,
+                               checkpoint, parquet, produced, detector)
         start = datetime.now(UTC) - timedelta(seconds=30)
         phase3 = burst("r1", start, 4)
         produce(bootstrap, topic, transaction_records(phase3))
