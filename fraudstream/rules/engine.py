@@ -272,7 +272,7 @@ class BucketState:
                     unique.append(tx)
             if unique:
                 late_by_user.append((user_id, user, unique))
-        scores = _Scores(scorer, {}, {})
+        scores = _Scores(scorer)
         if any(rule.impl.reads_scores for rule in single):
             scores.add([*fresh_by_user, *late_by_user])
         alerts: list[RuleAlert] = []
@@ -326,15 +326,14 @@ class BucketState:
 
 
 class _Scores:
-    """The model's scores of one batch's new transactions, and their feature rows for
-    explaining the few that trigger an alert. Scored as one matrix per bucket and batch: the
-    trees are walked for all rows at once (``Scorer.score``)."""
+    """The model's scores of one bucket's batch — of every new transaction when a rule reads
+    them all, else of the alert triggers only — and their feature rows, for the reasons. Each
+    ``add`` scores its rows as one matrix: the trees are walked for all rows at once."""
 
-    def __init__(self, scorer: Scorer | None, rows: dict[str, list[float]],
-                 values: dict[str, float]) -> None:
+    def __init__(self, scorer: Scorer | None) -> None:
         self.scorer = scorer
-        self.rows = rows
-        self.values = values
+        self.rows: dict[str, list[float]] = {}
+        self.values: dict[str, float] = {}
 
     def add(self, users: Sequence[tuple[str, UserState | None, list[Tx]]]) -> None:
         """Score each user's ``txs`` against the user's buffer."""
