@@ -99,10 +99,10 @@ class BucketStep:
     """
 
     def __init__(self, watermark_delay_us: int, horizon_us: int,
-                 models: ModelSource | None = None) -> None:
+                 models_dir: str | None = None) -> None:
         self.watermark_delay_us = watermark_delay_us
         self.horizon_us = horizon_us
-        self.models = models
+        self.models_dir = models_dir
 
     def run(self, frames: Iterator[pd.DataFrame], state: BucketState, watermark_us: int,
             reports_rules: bool = True) -> Iterator[pd.DataFrame]:
@@ -140,7 +140,8 @@ class BucketStep:
         if records:
             records.sort(key=lambda record: record[2])
             changes = state.apply_rules(records, self.horizon_us)
-        scorer = self.models.current() if self.models is not None and (arrivals or late) else None
+        models = model_source(self.models_dir) if arrivals or late else None
+        scorer = models.current() if models is not None else None
         alerts, duplicates = state.process(arrivals, late=late, scorer=scorer)
         # The next batch's watermark is at least this bucket's newest event minus the delay.
         floor = watermark_us if newest_us is None else max(
@@ -219,14 +220,13 @@ def make_state_function(watermark_delay_us: int, horizon_us: int, initial_rules:
     """The per-bucket handler given to applyInPandasWithState. A bucket without state starts
     with ``initial_rules``; ``reporter_key`` is the bucket that reports rule changes; the
     newest usable model under ``models_dir`` scores each new transaction."""
-    step = BucketStep(watermark_delay_us, horizon_us)
+    step = BucketStep(watermark_delay_us, horizon_us, models_dir)
 
     def handle(key: tuple[Any, ...], frames: Iterator[pd.DataFrame], state: GroupState
                ) -> Iterator[pd.DataFrame]:
         if key[0] == ARCHIVE_BUCKET:
             yield from _archives(frames)
             return
-        step.models = model_source(models_dir)
         bucket = (BucketState.from_json(state.get[0]) if state.exists
                   else BucketState(ruleset=initial_rules))
         watermark_us = max(0, state.getCurrentWatermarkMs()) * 1000
@@ -245,10 +245,9 @@ def make_batch_function(watermark_delay_us: int, horizon_us: int, initial_rules:
                         ):  # type: ignore[no-untyped-def]
     """The same step for a static DataFrame (applyInPandas): one group's rows, no prior
     state."""
-    step = BucketStep(watermark_delay_us, horizon_us)
+    step = BucketStep(watermark_delay_us, horizon_us, models_dir)
 
     def handle(key: tuple[Any, ...], frame: pd.DataFrame) -> pd.DataFrame:
-        step.models = model_source(models_dir)
         if key[0] == ARCHIVE_BUCKET:
             parts = list(_archives(iter([frame])))
         else:
