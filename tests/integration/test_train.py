@@ -176,7 +176,7 @@ def test_model_json_scores_exactly_as_mllib(trained: dict[str, dict[str, Any]],
     assert len(np.unique(np.round(ours, 6))) > 3, "a degenerate model proves little"
     assert trained[algorithm]["export_max_difference"] <= 1e-9
 
-    labels = {f.label for f in FEATURES}
+    labels = {(f.label, f.off or f"not {f.label}") for f in FEATURES}
     riskiest = rows[int(np.argmax(ours))]
     for row in (riskiest, rows[0]):
         reasons = scorer.explain(row)
@@ -184,8 +184,9 @@ def test_model_json_scores_exactly_as_mllib(trained: dict[str, dict[str, Any]],
         for reason in reasons:
             match = re.fullmatch(r"(.+) \(([+-]\d+\.\d\d)\)", reason)
             assert match, reason
-            assert any(match.group(1).startswith(label) or match.group(1) == f"not {label}"
-                       for label in labels), reason
+            # A value's words: its label (and value), or a flag's words when it is off.
+            assert any(match.group(1).startswith(label) or match.group(1) == off
+                       for label, off in labels), reason
     assert float(re.fullmatch(r".+ \(([+-]\d+\.\d\d)\)", scorer.explain(riskiest)[0])
                  .group(1)) > 0
 
