@@ -138,13 +138,15 @@ def by_key(page: Any, key: str) -> Any:
 
 def table_with(page: Any, header: str) -> int:
     """Position among the page's dataframes of the first with a column named ``header``
-    (a dataframe's key does not reach the browser)."""
-    index = page.evaluate(
-        """header => [...document.querySelectorAll('[data-testid="stDataFrame"]')]
-               .findIndex(grid => [...grid.querySelectorAll('[role="columnheader"]')]
-                   .some(cell => cell.textContent === header))""", header)
-    assert index >= 0, f"no table with a column {header!r} on the page"
-    return int(index)
+    (a dataframe's key does not reach the browser). Waits for it: a grid draws its header
+    cells a moment after the element itself appears."""
+    def index() -> int:
+        return int(page.evaluate(
+            """header => [...document.querySelectorAll('[data-testid="stDataFrame"]')]
+                   .findIndex(grid => [...grid.querySelectorAll('[role="columnheader"]')]
+                       .some(cell => cell.textContent === header))""", header))
+    wait_until(lambda: index() >= 0, f"a table with a column {header!r} on the page")
+    return index()
 
 
 def sign_in(page: Any) -> None:
