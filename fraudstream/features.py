@@ -1,9 +1,10 @@
 """Model features of one transaction, from its user's recent transactions.
 
-One function, ``user_features``, used everywhere a feature is computed: by the detector inside
-its per-user state step (the user's buffer is right there), by training (replaying each user's
-stored history through the same buffers) and by the backtest (which runs the detector's own
-step). The three therefore cannot disagree about what a feature means.
+One function, ``batch_features`` (``user_features`` for one user), used everywhere a feature
+is computed: by the detector inside its per-user state step (the user's buffer is right there),
+by training (replaying each user's stored history through the same buffers) and by the
+backtest (which runs the detector's own step). The three therefore cannot disagree about what
+a feature means.
 
 What a transaction's features see: the same user's transactions *strictly before it* in
 (event time, id) order and at most ``HISTORY_SECONDS`` older, plus the transaction itself::
@@ -24,9 +25,11 @@ live and training features differ, and rare in practice (the watermark bounds it
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+import numpy as np
 
 from fraudstream.rules.kinds import MICROS, Tx
 from fraudstream.schemas import PAYMENT_METHODS, PAYPAL
@@ -37,6 +40,7 @@ __all__ = [
     "FEATURE_SET",
     "HISTORY_SECONDS",
     "Feature",
+    "batch_features",
     "describe",
     "user_features",
 ]
@@ -96,65 +100,82 @@ _BY_NAME: Final = {feature.name: feature for feature in FEATURES}
 _HISTORY_US: Final = HISTORY_SECONDS * MICROS
 
 
-def user_features(buffer: Sequence[Tx], txs: Sequence[Tx]) -> list[list[float]]:
+def user_features(buffer: Sequence[Tx], txs: Sequence[Tx]) -> np.ndarray:
     """The feature rows (``FEATURE_NAMES`` order) of ``txs``, each judged against the user's
     transactions in ``buffer`` (sorted by (event time, id), as the engine keeps them; ``txs``
     may or may not be in it)."""
-    times = [tx.event_us for tx in buffer]
+    return batch_features([(buffer, txs)])
+
+
+def batch_features(groups: Iterable[tuple[Sequence[Tx], Sequence[Tx]]]) -> np.ndarray:
+    """``user_features`` of many users at once, one ``(buffer, txs)`` pair per user, as one
+    matrix with the rows in the order of the pairs (the detector scores a bucket's batch with
+    one call, and the model walks all its rows together).
+
+    Each buffer is read once into columns; a transaction's windows are then index ranges of
+    them (bisect on the times), so a row costs a few slices rather than a pass over Tx objects.
+    A matrix formulation (histories padded into rows, windows as masks) was measured and was no
+    faster: gathering the fields into arrays costs what this costs, and it adds ~0.3 ms per
+    call, which a live batch of a few transactions per bucket pays in full."""
     rows = []
-    for tx in txs:
-        # Strictly before tx in (event time, id), whatever its other fields.
-        end = bisect_left(buffer, (tx.event_us, tx.transaction_id))
-        start = bisect_left(times, tx.event_us - _HISTORY_US, 0, end)
-        rows.append(_row(tx, buffer[start:end]))
-    return rows
+    for buffer, txs in groups:
+        if not txs:
+            continue
+        columns = _Columns(buffer)
+        for tx in txs:
+            # Strictly before tx in (event time, id), whatever its other fields.
+            end = bisect_left(buffer, (tx.event_us, tx.transaction_id))
+            start = bisect_left(columns.times, tx.event_us - _HISTORY_US, 0, end)
+            rows.append(_row(tx, columns, start, end))
+    return np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURE_NAMES))
 
 
-def _row(tx: Tx, history: Sequence[Tx]) -> list[float]:
-    """One pass over the history (this runs for every transaction the detector scores)."""
+class _Columns:
+    """One user's buffer, field by field."""
+
+    __slots__ = ("amounts", "devices", "locations", "merchants", "micro", "times")
+
+    def __init__(self, buffer: Sequence[Tx]) -> None:
+        self.times = [tx.event_us for tx in buffer]
+        self.amounts = [tx.amount for tx in buffer]
+        self.locations = [tx.location for tx in buffer]
+        self.devices = [tx.device_ip for tx in buffer]
+        self.merchants = [tx.merchant_id for tx in buffer]
+        self.micro = [tx.payment_method == PAYPAL and tx.amount < MICRO_AMOUNT for tx in buffer]
+
+
+def _row(tx: Tx, columns: _Columns, start: int, end: int) -> list[float]:
+    """The features of ``tx`` whose history is ``buffer[start:end]``. Sums add the history
+    left to right onto the amount, one float at a time: the order is part of the value."""
     t = tx.event_us
     amount = float(tx.amount)
-    since_1m, since_5m = t - 60 * MICROS, t - 300 * MICROS
-    count_1m = count_5m = count_10m = 1
+    times, amounts, locations = columns.times, columns.amounts, columns.locations
+    from_5m = bisect_left(times, t - 300 * MICROS, start, end)
+    from_1m = bisect_left(times, t - 60 * MICROS, from_5m, end)
     sum_1m = sum_5m = sum_10m = amount
-    location = tx.location
-    places_5m = {location}
-    places_10m = {location}
-    micro = 1 if tx.payment_method == PAYPAL and amount < MICRO_AMOUNT else 0
-    seen_location = seen_device = seen_merchant = False
-    amounts = []
-    for h in history:
-        paid = h.amount
-        amounts.append(paid)
-        count_10m += 1
+    for paid in amounts[start:end]:
         sum_10m += paid
-        places_10m.add(h.location)
-        seen_location = seen_location or h.location == location
-        seen_device = seen_device or h.device_ip == tx.device_ip
-        seen_merchant = seen_merchant or h.merchant_id == tx.merchant_id
-        if h.event_us >= since_5m:
-            count_5m += 1
-            sum_5m += paid
-            places_5m.add(h.location)
-            if h.payment_method == PAYPAL and paid < MICRO_AMOUNT:
-                micro += 1
-            if h.event_us >= since_1m:
-                count_1m += 1
-                sum_1m += paid
-    typical = _median(amounts) if amounts else 0.0
-    known = bool(history)
+    for paid in amounts[from_5m:end]:
+        sum_5m += paid
+    for paid in amounts[from_1m:end]:
+        sum_1m += paid
+    location = tx.location
+    own_micro = tx.payment_method == PAYPAL and amount < MICRO_AMOUNT
+    micro = own_micro + sum(columns.micro[from_5m:end])
+    known = end > start
+    typical = _median(amounts[start:end]) if known else 0.0
     return [
         amount,
         amount / typical if typical > 0 else 1.0,
-        float(count_1m), float(count_5m), float(count_10m),
+        float(end - from_1m + 1), float(end - from_5m + 1), float(end - start + 1),
         sum_1m, sum_5m, sum_10m,
-        float(len(places_5m)),
-        float(len(places_10m)),
+        float(len({location, *locations[from_5m:end]})),
+        float(len({location, *locations[start:end]})),
         float(micro),
-        (t - history[-1].event_us) / MICROS if known else float(HISTORY_SECONDS),
-        1.0 if known and not seen_location else 0.0,
-        1.0 if known and not seen_device else 0.0,
-        1.0 if known and not seen_merchant else 0.0,
+        (t - times[end - 1]) / MICROS if known else float(HISTORY_SECONDS),
+        1.0 if known and location not in locations[start:end] else 0.0,
+        1.0 if known and tx.device_ip not in columns.devices[start:end] else 0.0,
+        1.0 if known and tx.merchant_id not in columns.merchants[start:end] else 0.0,
         float((t // _HOUR_US) % 24),  # UTC hour of day
         *_METHOD_FLAGS.get(tx.payment_method, _NO_METHOD),
     ]

@@ -18,7 +18,7 @@ What one run does, and why each step is the way it is:
    ``decided_at`` wins when a transaction is in several alerts; ``unsure`` says nothing).
    Transactions with neither are history only: they count in their user's features, and are
    not trained or measured on.
-3. **Features** come from ``fraudstream.features.user_features`` and nothing else — the very
+3. **Features** come from ``fraudstream.features.batch_features`` and nothing else — the very
    function the detector calls in its state step — over each user's transactions sorted by
    (event time, id). It runs in Spark, ``groupBy(hash bucket of user_id).applyInPandas``, so
    both cores compute features and the rows stay in Spark (cached) for training. A second
@@ -85,7 +85,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fraudstream.datasets import ALERTS_SCHEMA, read_dataset
-from fraudstream.features import FEATURE_NAMES, FEATURE_SET, HISTORY_SECONDS, user_features
+from fraudstream.features import FEATURE_NAMES, FEATURE_SET, HISTORY_SECONDS, batch_features
 from fraudstream.logs import setup_logging
 from fraudstream.model import (
     GBT,
@@ -392,27 +392,32 @@ def feature_input(history: pa.Table, label: pa.Array) -> pa.Table:
 
 def bucket_features(frame: pd.DataFrame) -> pd.DataFrame:
     """The feature rows of the labelled transactions of every user in ``frame`` (one hash
-    bucket): each user's transactions sorted by (event time, id), then ``user_features`` of
-    that buffer, exactly as the detector's state step calls it."""
+    bucket): each user's transactions sorted by (event time, id), then the features of that
+    buffer with the detector's own feature code."""
     users: dict[str, list[tuple[Tx, float]]] = {}
     for user, tid, event_us, amount, place, method, merchant, device, label in zip(
             *(frame[name].tolist() for name in FEATURE_INPUT_COLUMNS), strict=True):
         tx = Tx(int(event_us), tid, float(amount), place, method, 0, merchant or "",
                 device or "")
         users.setdefault(user, []).append((tx, label))
-    out_users, out_ids, out_times, out_labels, rows = [], [], [], [], []
+    groups, out_users, out_ids, out_times, out_labels = [], [], [], [], []
     for user, items in users.items():
         items.sort(key=lambda item: item[0])
         buffer = [tx for tx, _ in items]
-        for (tx, label), row in zip(items, user_features(buffer, buffer), strict=True):
-            if label is None or label != label:  # NaN: no label
-                continue
+        groups.append((buffer, buffer))
+        for tx, label in items:
             out_users.append(user)
             out_ids.append(tx.transaction_id)
             out_times.append(tx.event_us)
-            out_labels.append(float(label))
-            rows.append(row)
-    matrix = np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURE_NAMES))
+            out_labels.append(np.nan if label is None else float(label))
+    matrix = batch_features(groups).reshape(-1, len(FEATURE_NAMES))
+    labels = np.asarray(out_labels, dtype=np.float64)
+    labelled = ~np.isnan(labels)  # an unlabelled transaction is history, not a sample
+    matrix = matrix[labelled]
+    out_users, out_ids, out_times = (
+        [value for value, keep in zip(column, labelled, strict=True) if keep]
+        for column in (out_users, out_ids, out_times))
+    out_labels = labels[labelled]
     result = pd.DataFrame({"user_id": out_users, "transaction_id": out_ids,
                            "event_us": np.asarray(out_times, dtype=np.int64),
                            "label": np.asarray(out_labels, dtype=np.float64)})
@@ -833,8 +838,8 @@ def _train_candidates(run: _Run, session: Any) -> None:
     from pyspark.sql import functions as F
 
     progress, options, split, timing = run.progress, run.options, run.split, run.timing
-    progress.say(f"features: user_features over {run.history.num_rows:,} transactions "
-                 f"({FEATURE_BUCKETS} user buckets) ...")
+    progress.say(f"features: the detector's feature code over {run.history.num_rows:,} "
+                 f"transactions ({FEATURE_BUCKETS} user buckets) ...")
     mark = time.monotonic()
     features = feature_frame(session, feature_input(run.history, run.label))
     features = features.persist(StorageLevel.MEMORY_AND_DISK)

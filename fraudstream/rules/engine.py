@@ -43,6 +43,8 @@ from fraudstream.rules.kinds import MICROS, SpanKind, TransactionKind, Tx
 from fraudstream.rules.ruleset import RuleChange, RuleSet
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from fraudstream.model import Scorer
 
 __all__ = ["BucketState", "RuleAlert", "UserState", "alert_record", "us_to_datetime"]
@@ -332,7 +334,7 @@ class _Scores:
 
     def __init__(self, scorer: Scorer | None) -> None:
         self.scorer = scorer
-        self.rows: dict[str, list[float]] = {}
+        self.rows: dict[str, np.ndarray] = {}
         self.values: dict[str, float] = {}
 
     def add(self, users: Sequence[tuple[str, UserState | None, list[Tx]]]) -> None:
@@ -340,17 +342,15 @@ class _Scores:
         if self.scorer is None or not users:
             return
         # Imported here: the feature module builds on the rule core's Tx.
-        from fraudstream.features import user_features
+        from fraudstream.features import batch_features
 
-        rows: dict[str, list[float]] = {}
-        for _, user, txs in users:
-            buffer = user.buffer if user is not None else []
-            for tx, row in zip(txs, user_features(buffer, txs), strict=True):
-                rows[tx.transaction_id] = row
-        if rows:
-            self.rows.update(rows)
-            self.values.update(zip(rows, self.scorer.score(list(rows.values())).tolist(),
-                                   strict=True))
+        groups = [(user.buffer if user is not None else [], txs) for _, user, txs in users]
+        matrix = batch_features(groups)
+        if not len(matrix):
+            return
+        ids = [tx.transaction_id for _, txs in groups for tx in txs]
+        self.rows.update(zip(ids, matrix, strict=True))
+        self.values.update(zip(ids, self.scorer.score(matrix).tolist(), strict=True))
 
     def get(self, tx: Tx) -> float | None:
         return self.values.get(tx.transaction_id)

@@ -226,7 +226,7 @@ def test_training_features_are_user_features_of_the_sorted_buffer(
             continue
         got = rows[tx.transaction_id]
         assert got["user_id"] == user and got["event_us"] == tx.event_us
-        assert [got[name] for name in FEATURE_NAMES] == row
+        assert [got[name] for name in FEATURE_NAMES] == row.tolist()
         checked += 1
     assert checked >= 5
     # The user's first transaction has no history: only itself counts.

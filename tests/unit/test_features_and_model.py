@@ -9,13 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fraudstream.features import FEATURE_NAMES, FEATURE_SET, FEATURES, user_features
+from fraudstream.features import (
+    FEATURE_NAMES,
+    FEATURE_SET,
+    FEATURES,
+    batch_features,
+    user_features,
+)
 from fraudstream.model import (
     MODEL_FILE,
     MODEL_FORMAT,
@@ -25,6 +32,7 @@ from fraudstream.model import (
     newest_model,
 )
 from fraudstream.rules import MICROS, BucketState, RuleSet, Tx, definition_from_dict
+from fraudstream.schemas import PAYMENT_METHODS
 
 T0 = 1_764_670_000 * MICROS  # 2025-12-02T10:06:40Z
 COLUMN = {name: index for index, name in enumerate(FEATURE_NAMES)}
@@ -79,6 +87,81 @@ def test_the_target_need_not_be_in_the_buffer_and_order_of_arrival_does_not_matt
     target = tx(25, "late")
     assert features_of(history, target) == features_of([*history, target], target)
     assert len(FEATURES) == len(FEATURE_NAMES) == len(set(FEATURE_NAMES))
+
+
+def plain_features(buffer: list[Tx], target: Tx) -> list[float]:
+    """The features of one transaction, written from the definitions alone (filters and sets,
+    no bisect, no shared pass): what the detector's code must reproduce to the last bit."""
+    history = [h for h in buffer if (h.event_us, h.transaction_id)
+               < (target.event_us, target.transaction_id)
+               and h.event_us >= target.event_us - 600 * MICROS]
+    t, amount = target.event_us, target.amount
+    in_5m = [h for h in history if h.event_us >= t - 300 * MICROS]
+    in_1m = [h for h in history if h.event_us >= t - 60 * MICROS]
+
+    def total(window: list[Tx]) -> float:
+        out = amount
+        for h in window:
+            out += h.amount
+        return out
+
+    def micro(h: Tx) -> bool:
+        return h.payment_method == "PayPal" and h.amount < 50.0
+
+    amounts = sorted(h.amount for h in history)
+    middle = len(amounts) // 2
+    typical = (0.0 if not amounts else amounts[middle] if len(amounts) % 2
+               else (amounts[middle - 1] + amounts[middle]) / 2)
+    known = bool(history)
+    return [
+        amount, amount / typical if typical > 0 else 1.0,
+        1.0 + len(in_1m), 1.0 + len(in_5m), 1.0 + len(history),
+        total(in_1m), total(in_5m), total(history),
+        float(len({target.location} | {h.location for h in in_5m})),
+        float(len({target.location} | {h.location for h in history})),
+        float(micro(target) + sum(map(micro, in_5m))),
+        (t - history[-1].event_us) / MICROS if known else 600.0,
+        float(known and target.location not in {h.location for h in history}),
+        float(known and target.device_ip not in {h.device_ip for h in history}),
+        float(known and target.merchant_id not in {h.merchant_id for h in history}),
+        float((t // (3600 * MICROS)) % 24),
+        *(1.0 if target.payment_method == m else 0.0 for m in PAYMENT_METHODS),
+    ]
+
+
+def random_user(rng: random.Random, user: int) -> list[Tx]:
+    """A user's buffer: bursts and quiet spells, few places, devices and merchants, PayPal
+    micro-payments, equal timestamps (ties broken by id)."""
+    clock, out = rng.uniform(0, 7200), []
+    for n in range(rng.choice([0, 1, 2, 5, 20, 80])):
+        clock += rng.choice([0.0, 0.5, 3.0, 40.0, 250.0, 700.0]) * rng.random()
+        out.append(tx(clock, f"u{user}-{rng.randrange(10**6):06d}-{n}",
+                      round(rng.choice([4.99, 30.0, 120.0, 2500.0]) * rng.random(), 2),
+                      location=rng.choice(["Lyon", "Paris", "Nice"]),
+                      method=rng.choice(["card", "PayPal", "bank_transfer"]),
+                      merchant=rng.choice(["m1", "m2", "m3", "m4"]),
+                      device=rng.choice(["10.0.0.1", "10.0.0.2"])))
+    return sorted(out)
+
+
+def test_features_equal_the_plain_definition_bit_for_bit_however_grouped() -> None:
+    rng = random.Random(20261202)
+    groups = []
+    for user in range(300):
+        buffer = random_user(rng, user)
+        # Targets in the buffer, and late ones that are not (scored against it).
+        targets = [t for t in buffer if rng.random() < 0.5]
+        targets += [tx(rng.uniform(0, 9000), f"late{user}-{k}", 17.0)
+                    for k in range(rng.choice([0, 1]))]
+        groups.append((buffer, targets))
+    expected = [plain_features(buffer, t) for buffer, targets in groups for t in targets]
+    together = batch_features(groups)
+    one_by_one = np.vstack([user_features(buffer, [t]) for buffer, targets in groups
+                            for t in targets])
+    assert len(expected) > 1000
+    assert np.array_equal(together, np.asarray(expected))
+    assert np.array_equal(one_by_one, together)
+    assert batch_features([([], [])]).shape == (0, len(FEATURE_NAMES))
 
 
 # --- hand-written models ---------------------------------------------------------------------
