@@ -40,6 +40,7 @@ from confluent_kafka.admin import NewTopic
 from fraudstream import schemas
 from fraudstream.broker import EmbeddedBroker
 from fraudstream.kafka import wait_for_broker
+from fraudstream.rules import RuleDefinition
 from fraudstream.rules.oracle import expected_alerts
 from producer.generator import (
     HIGH_VALUE_AMOUNT,
@@ -434,8 +435,10 @@ def distinct_users_in_window(transactions: Sequence[schemas.Transaction], window
     return best
 
 
-def oracle_by_id(transactions: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {a["alert_id"]: a for a in expected_alerts(transactions)}
+def oracle_by_id(transactions: Sequence[Mapping[str, Any]],
+                 rules: Sequence[RuleDefinition] | None = None) -> dict[str, dict[str, Any]]:
+    """The oracle's alerts by id, under ``rules`` (default: the four default rules)."""
+    return {a["alert_id"]: a for a in expected_alerts(transactions, rules)}
 
 
 def compare_alerts(found: Sequence[Mapping[str, Any]], expected: Mapping[str, Mapping[str, Any]]

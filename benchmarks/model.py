@@ -9,8 +9,12 @@
 2. **Cost of scoring.** The throughput benchmark (backfill, marginal rate) and the latency
    benchmark (live, send -> alert) run back to back with that model (``--models-dir``) and
    without it, on the same machine in the same run; the ratios on/off are the result (more than
-   15 % slower is a defect). Their own JSON goes to this run's work folder, so
-   ``benchmarks/results`` keeps one latest file per benchmark.
+   15 % slower is a defect). With the default rules the detector scores the alert triggers
+   only; a third backfill ("every") adds an ``ml_score`` rule, which makes it score every
+   transaction. Its threshold, 1.0, is one no score reaches, so its alerts stay those the
+   oracle (which has no model) expects and the run is still checked alert by alert. Their own
+   JSON goes to this run's work folder, so ``benchmarks/results`` keeps one latest file per
+   benchmark.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from benchmarks.common import (
     work_dir,
 )
 from fraudstream.model import METRICS_FILE, model_versions
+from fraudstream.rules import default_definitions
 
 NAME = "model"
 DEFAULT_COUNT = 1_000_000
@@ -84,6 +89,17 @@ def in_batch_seconds(result: Mapping[str, Any] | None) -> float | None:
         return None
     largest = max(runs, key=lambda run: run["size"])
     return (largest.get("detector_metrics") or {}).get("batch_seconds_total")
+
+
+def scoring_rules_file(work: Path) -> Path:
+    """The default rules plus an ``ml_score`` rule that never fires (threshold 1.0): in force,
+    it makes the detector score every transaction."""
+    path = work / "rules-with-ml-score.json"
+    items = [{"rule_id": d.rule_id, "kind": d.kind, "params": dict(d.params)}
+             for d in default_definitions()]
+    items.append({"rule_id": "ml_score", "kind": "ml_score", "params": {"threshold": 1.0}})
+    path.write_text(json.dumps(items, indent=2))
+    return path
 
 
 def ratio(on: float | None, off: float | None) -> float | None:
@@ -142,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cost[f"latency_{label}"] = sub_benchmark(
                     "latency", [*quick, *extra, *args.latency_arg], work, f"latency-{label}",
                     args.timeout)
+            every = [f"--rules-file={scoring_rules_file(work)}", model_arg]
+            cost["throughput_every"] = sub_benchmark(
+                "throughput", [*quick, *every, *args.throughput_arg], work, "throughput-every",
+                args.timeout)
 
     metrics = training["metrics"] or {}
     comparison = metrics.get("comparison") or {}
@@ -164,8 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       "on_over_off": ratio(on, off)}
         busy_on = in_batch_seconds(cost.get("throughput_on"))
         busy_off = in_batch_seconds(cost.get("throughput_off"))
+        busy_every = in_batch_seconds(cost.get("throughput_every"))
         summary["backfill_in_batch_seconds"] = {"off": busy_off, "on": busy_on,
                                                 "on_over_off": ratio(busy_on, busy_off)}
+        summary["backfill_every_transaction_scored"] = {
+            "in_batch_seconds": busy_every, "over_off": ratio(busy_every, busy_off),
+            "marginal_tx_per_second": marginal("every"),
+            "matches_oracle": ((cost.get("throughput_every") or {}).get("summary")
+                               or {}).get("all_match_oracle")}
         latency: dict[str, Any] = {}
         rates = ((cost.get("latency_off") or {}).get("summary") or {}).keys()
         for rate in rates:
@@ -178,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Slowdown factors (> 1: slower with the model): in-batch time and latency, on/off.
         slower = [value for value in
                   [summary["backfill_in_batch_seconds"]["on_over_off"],
+                   summary["backfill_every_transaction_scored"]["over_off"],
                    *(v["on_over_off"] for v in latency.values())]
                   if value is not None]
         summary["within_allowed_slowdown"] = (all(v <= 1 + ALLOWED_SLOWDOWN for v in slower)
@@ -203,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["figure", "model off", "model on", "on/off"],
             [["backfill marginal tx/s", *summary["backfill_marginal_tx_per_second"].values()],
              ["backfill in-batch s (larger)", *summary["backfill_in_batch_seconds"].values()],
+             ["  ... every transaction scored (ml_score)", busy_off, busy_every,
+              summary["backfill_every_transaction_scored"]["over_off"]],
              *[[f"p95 s, {name}", v["p95_off_s"], v["p95_on_s"], v["on_over_off"]]
                for name, v in summary["latency_p95"].items()]]))
     print(f"results: {stamped}")

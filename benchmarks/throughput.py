@@ -46,6 +46,9 @@ from benchmarks.common import (
     summarize_batches,
     work_dir,
 )
+from fraudstream.features import HISTORY_SECONDS
+from fraudstream.rules import MICROS, RuleDefinition
+from fraudstream.rules.store import RulesTopic
 
 NAME = "throughput"
 DEFAULT_SIZES = (40_000, 240_000)
@@ -85,6 +88,23 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="backfills per size; the median wall time is used")
     parser.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds one backfill may take before it is stopped")
+    parser.add_argument("--rules-file", type=Path, default=None, metavar="FILE",
+                        help="rule definitions (JSON/YAML, as the backtest takes) in force "
+                             "instead of the defaults; the oracle judges with the same "
+                             "definitions (and no model: an ml_score rule never fires there)")
+
+
+def rules_of(args: argparse.Namespace) -> list[RuleDefinition] | None:
+    """The definitions of ``--rules-file``, validated as the detector validates them against
+    the shortest retention it accepts (``HISTORY_SECONDS``)."""
+    if args.rules_file is None:
+        return None
+    from spark_job.backtest import BacktestError, read_rules_file
+
+    try:
+        return read_rules_file(args.rules_file, HISTORY_SECONDS * MICROS)
+    except BacktestError as exc:
+        raise SystemExit(f"--rules-file: {exc}") from None
 
 
 def sizes_of(args: argparse.Namespace) -> tuple[int, int]:
@@ -96,8 +116,10 @@ def sizes_of(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    rules = rules_of(args)
     return {"sizes": list(sizes_of(args)), "rate": args.rate, "users": args.users,
-            "fraud_ratio": args.fraud_ratio, "seed": args.seed, "partitions": args.partitions}
+            "fraud_ratio": args.fraud_ratio, "seed": args.seed, "partitions": args.partitions,
+            "rules": None if rules is None else [d.summary() for d in rules]}
 
 
 def prepare_datasets(bootstrap: str, args: argparse.Namespace) -> list[Dataset]:
@@ -110,7 +132,7 @@ def prepare_datasets(bootstrap: str, args: argparse.Namespace) -> list[Dataset]:
         transactions = generate(spec)
         generated = time.monotonic() - started
         started = time.monotonic()
-        expected = oracle_by_id(transactions)
+        expected = oracle_by_id(transactions, rules_of(args))
         oracle = time.monotonic() - started
         topic = f"tx-{size}-{uuid.uuid4().hex[:6]}"
         create_topics(bootstrap, [topic], args.partitions)
@@ -127,8 +149,15 @@ def run_spark_backfill(bootstrap: str, dataset: Dataset, work: Path, args: argpa
     topics = fresh_topics(bootstrap, f"spark-{dataset.spec.count}", args.partitions,
                           transactions=dataset.topic)
     run_dir = work / f"spark-{dataset.spec.count}-{uuid.uuid4().hex[:6]}"
-    cmd = detector_command(bootstrap, topics, run_dir, available_now=True,
-                           extra_args=args.detector_arg)
+    extra = list(args.detector_arg)
+    rules = rules_of(args)
+    if rules is not None:
+        # A rules topic of this run's own, holding the file's definitions before the start.
+        rules_topic = RulesTopic({"bootstrap.servers": bootstrap}, f"{topics.alerts}-rules")
+        for definition in rules:
+            rules_topic.publish(definition)
+        extra.append(f"--rules-topic={rules_topic.topic}")
+    cmd = detector_command(bootstrap, topics, run_dir, available_now=True, extra_args=extra)
     say(f"backfill of {dataset.spec.count:,} transactions: {' '.join(cmd[1:3])} ...")
     seconds, code = run_timed(cmd, run_dir / "detector.log", args.timeout)
     lines = read_json_lines(metrics_path(run_dir / "parquet"))
