@@ -27,6 +27,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from math import fsum
 from typing import Final
 
 import numpy as np
@@ -131,44 +132,42 @@ def batch_features(groups: Iterable[tuple[Sequence[Tx], Sequence[Tx]]]) -> np.nd
 
 
 class _Columns:
-    """One user's buffer, field by field."""
+    """One user's buffer, field by field (one transposition in C: ``zip(*buffer)``; every
+    row is a Tx, so the lengths agree)."""
 
     __slots__ = ("amounts", "devices", "locations", "merchants", "micro", "times")
 
     def __init__(self, buffer: Sequence[Tx]) -> None:
-        self.times = [tx.event_us for tx in buffer]
-        self.amounts = [tx.amount for tx in buffer]
-        self.locations = [tx.location for tx in buffer]
-        self.devices = [tx.device_ip for tx in buffer]
-        self.merchants = [tx.merchant_id for tx in buffer]
-        self.micro = [tx.payment_method == PAYPAL and tx.amount < MICRO_AMOUNT for tx in buffer]
+        (self.times, _, self.amounts, self.locations, methods, _, self.merchants,
+         self.devices) = zip(*buffer, strict=False) if buffer else ((),) * len(Tx._fields)
+        #: 1 where the buffer's transaction is a PayPal micro-payment.
+        self.micro = [method == PAYPAL and paid < MICRO_AMOUNT
+                      for method, paid in zip(methods, self.amounts, strict=True)]
 
 
 def _row(tx: Tx, columns: _Columns, start: int, end: int) -> list[float]:
-    """The features of ``tx`` whose history is ``buffer[start:end]``. Sums add the history
-    left to right onto the amount, one float at a time: the order is part of the value."""
+    """The features of ``tx`` whose history is ``buffer[start:end]``: a handful of bisects,
+    slices and C-level reductions, no loop over the history in Python. A window's sum is the
+    history's exactly rounded sum (``fsum``: the same float in whatever order the values come)
+    plus the transaction's amount."""
     t = tx.event_us
     amount = float(tx.amount)
     times, amounts, locations = columns.times, columns.amounts, columns.locations
     from_5m = bisect_left(times, t - 300 * MICROS, start, end)
     from_1m = bisect_left(times, t - 60 * MICROS, from_5m, end)
-    sum_1m = sum_5m = sum_10m = amount
-    for paid in amounts[start:end]:
-        sum_10m += paid
-    for paid in amounts[from_5m:end]:
-        sum_5m += paid
-    for paid in amounts[from_1m:end]:
-        sum_1m += paid
     location = tx.location
-    own_micro = tx.payment_method == PAYPAL and amount < MICRO_AMOUNT
-    micro = own_micro + sum(columns.micro[from_5m:end])
+    micro = (tx.payment_method == PAYPAL and amount < MICRO_AMOUNT) + \
+        sum(columns.micro[from_5m:end])
     known = end > start
-    typical = _median(amounts[start:end]) if known else 0.0
+    history = amounts[start:end]
+    typical = _median(history) if known else 0.0
     return [
         amount,
         amount / typical if typical > 0 else 1.0,
         float(end - from_1m + 1), float(end - from_5m + 1), float(end - start + 1),
-        sum_1m, sum_5m, sum_10m,
+        fsum(amounts[from_1m:end]) + amount,
+        fsum(amounts[from_5m:end]) + amount,
+        fsum(history) + amount,
         float(len({location, *locations[from_5m:end]})),
         float(len({location, *locations[start:end]})),
         float(micro),

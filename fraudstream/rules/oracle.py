@@ -24,7 +24,7 @@ from fraudstream.rules.definition import RuleDefinition, default_definitions
 from fraudstream.rules.kinds import MICROS, SpanKind, TransactionKind, Tx
 from fraudstream.rules.ruleset import RuleSet
 
-__all__ = ["event_us", "expected_alerts", "expected_alerts_piecewise"]
+__all__ = ["as_tx", "event_us", "expected_alerts", "expected_alerts_piecewise"]
 
 Row = Mapping[str, Any]
 Rules = RuleSet | Iterable[RuleDefinition] | None
@@ -39,7 +39,8 @@ def event_us(record: Row) -> int:
             + moment.second) * MICROS + moment.microsecond
 
 
-def _tx(record: Row) -> Tx:
+def as_tx(record: Row) -> Tx:
+    """The rule core's view of a contract transaction record."""
     return Tx(event_us(record), record["transaction_id"], float(record["amount"]),
               record["location"], record["payment_method"], 0,
               record.get("merchant_id", ""), record.get("device_ip", ""))
@@ -89,7 +90,7 @@ def expected_alerts_piecewise(phases: Sequence[tuple[Iterable[Row], Rules]],
         ruleset = _ruleset(rules)
         new: dict[str, list[Tx]] = defaultdict(list)
         for record in transactions:
-            tx = _tx(record)
+            tx = as_tx(record)
             user = held[record["user_id"]]
             if tx.transaction_id not in user:
                 user[tx.transaction_id] = tx

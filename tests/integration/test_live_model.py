@@ -35,7 +35,8 @@ from support.pipeline import (
 from fraudstream import schemas
 from fraudstream.features import FEATURE_NAMES, FEATURE_SET, user_features
 from fraudstream.model import MODEL_FILE, MODEL_FORMAT, Scorer
-from fraudstream.rules import MICROS, Tx, definition_from_dict
+from fraudstream.rules import Tx, definition_from_dict
+from fraudstream.rules.oracle import as_tx
 from fraudstream.rules.store import RulesTopic
 
 COLUMN = {name: index for index, name in enumerate(FEATURE_NAMES)}
@@ -77,13 +78,6 @@ def burst(user: str, start: datetime, count: int, gap_seconds: float = 5.0
           ) -> list[dict[str, Any]]:
     return [payment(f"{user}-{i}", user, start + timedelta(seconds=i * gap_seconds))
             for i in range(count)]
-
-
-def as_tx(record: dict[str, Any]) -> Tx:
-    moment = schemas.parse_timestamp(record["timestamp"])
-    return Tx(int(moment.timestamp()) * MICROS + moment.microsecond, record["transaction_id"],
-              float(record["amount"]), record["location"], record["payment_method"], 0,
-              record["merchant_id"], record["device_ip"])
 
 
 def probe_until(done: Callable[[list[dict[str, Any]]], bool], what: str, bootstrap: str,

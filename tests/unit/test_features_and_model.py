@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,8 @@ def plain_features(buffer: list[Tx], target: Tx) -> list[float]:
     in_1m = [h for h in history if h.event_us >= t - 60 * MICROS]
 
     def total(window: list[Tx]) -> float:
-        out = amount
-        for h in window:
-            out += h.amount
-        return out
+        """The window's amounts summed exactly, rounded once, plus the transaction's."""
+        return float(sum(Fraction(h.amount) for h in window)) + amount
 
     def micro(h: Tx) -> bool:
         return h.payment_method == "PayPal" and h.amount < 50.0
