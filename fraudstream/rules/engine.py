@@ -37,14 +37,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+
 from fraudstream import schemas
 from fraudstream.rules.definition import RuleDefinition
 from fraudstream.rules.kinds import MICROS, SpanKind, TransactionKind, Tx
 from fraudstream.rules.ruleset import RuleChange, RuleSet
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from fraudstream.model import Scorer
 
 __all__ = ["BucketState", "RuleAlert", "UserState", "alert_record", "us_to_datetime"]
@@ -290,7 +290,7 @@ class BucketState:
             # time than, this batch's first can trigger a windowed alert now).
             missing: dict[str, dict[str, Tx]] = defaultdict(dict)
             for alert in alerts:
-                if alert.trigger.transaction_id not in scores.rows:
+                if alert.trigger.transaction_id not in scores.values:
                     missing[alert.user_id][alert.trigger.transaction_id] = alert.trigger
             scores.add([(user_id, self.get(user_id), list(txs.values()))
                         for user_id, txs in missing.items()])
@@ -334,7 +334,10 @@ class _Scores:
 
     def __init__(self, scorer: Scorer | None) -> None:
         self.scorer = scorer
-        self.rows: dict[str, np.ndarray] = {}
+        #: The feature matrices scored so far, and where each transaction's row is in them
+        #: stacked (only alerts' rows are ever read back, for their reasons).
+        self.matrices: list[np.ndarray] = []
+        self.row_of: dict[str, int] = {}
         self.values: dict[str, float] = {}
 
     def add(self, users: Sequence[tuple[str, UserState | None, list[Tx]]]) -> None:
@@ -349,7 +352,9 @@ class _Scores:
         if not len(matrix):
             return
         ids = [tx.transaction_id for _, txs in groups for tx in txs]
-        self.rows.update(zip(ids, matrix, strict=True))
+        offset = len(self.row_of)
+        self.matrices.append(matrix)
+        self.row_of.update(zip(ids, range(offset, offset + len(ids)), strict=True))
         self.values.update(zip(ids, self.scorer.score(matrix).tolist(), strict=True))
 
     def get(self, tx: Tx) -> float | None:
@@ -359,8 +364,9 @@ class _Scores:
         """``alerts`` with their trigger's score and reasons (explained together)."""
         if self.scorer is None or not alerts:
             return alerts
-        reasons = self.scorer.explain_many(
-            [self.rows[alert.trigger.transaction_id] for alert in alerts])
+        rows = np.concatenate(self.matrices)[
+            [self.row_of[alert.trigger.transaction_id] for alert in alerts]]
+        reasons = self.scorer.explain_many(rows)
         return [alert._replace(risk_score=self.values[alert.trigger.transaction_id],
                                score_reasons=tuple(why))
                 for alert, why in zip(alerts, reasons, strict=True)]
