@@ -352,7 +352,7 @@ class _Scores:
         if not len(matrix):
             return
         ids = [tx.transaction_id for _, txs in groups for tx in txs]
-        offset = len(self.row_of)
+        offset = sum(len(scored) for scored in self.matrices)
         self.matrices.append(matrix)
         self.row_of.update(zip(ids, range(offset, offset + len(ids)), strict=True))
         self.values.update(zip(ids, self.scorer.score(matrix).tolist(), strict=True))
