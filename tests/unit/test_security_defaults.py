@@ -165,11 +165,11 @@ def test_passwords_have_no_command_line_flag(cls: type) -> None:
         assert flag not in help_text
 
 
-def test_readme_documents_the_security_settings() -> None:
-    readme = (REPO / "README.md").read_text()
+def test_the_configuration_page_documents_the_security_settings() -> None:
+    page = (REPO / "docs" / "configuration.md").read_text()
     for name in SECURITY_ENV:
         if name != "KAFKA_BOOTSTRAP_SERVERS":
-            assert name in readme, f"README does not document {name}"
+            assert name in page, f"docs/configuration.md does not document {name}"
 
 
 # --- no credentials in the repository ------------------------------------------------------------
