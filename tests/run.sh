@@ -26,5 +26,8 @@ PYTHON=${PYTHON:-python3}
 echo "tests/run.sh: installing the project with its dev and browser extras"
 "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[dev,browser]"
 
+echo "tests/run.sh: ruff check"
+"$PYTHON" -m ruff check --quiet .
+
 export SPARK_LOCAL_IP=127.0.0.1
 exec "$PYTHON" -m pytest "$@"
