@@ -13,7 +13,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from benchmarks.common import DEFAULT_RESULTS_DIR, REPO_ROOT, child_env, say
+from benchmarks.report import DEFAULT_RESULTS_DIR, say
+from fraudstream.testing import REPO_ROOT, child_env
+
+__all__ = ["main"]
 
 ORDER = ("throughput", "latency", "memory", "rule_change", "quix_peer")
 

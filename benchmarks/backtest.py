@@ -23,24 +23,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import (
-    DataSpec,
-    Report,
-    base_parser,
-    child_env,
-    compare_alerts,
-    format_table,
-    generate,
-    log_tail,
-    loud_mismatch,
-    oracle_by_id,
-    read_latest,
-    run_timed,
-    say,
-    work_dir,
-)
+from benchmarks.report import Report, base_parser, format_table, read_latest, say, work_dir
+from benchmarks.workload import DataSpec, compare_alerts, generate, loud_mismatch, oracle_by_id
 from fraudstream import datasets, schemas
 from fraudstream.rules.definition import default_definitions
+from fraudstream.testing import child_env, log_tail, run_timed
+
+__all__ = [
+    "bronze_table",
+    "main",
+    "write_bronze",
+]
 
 NAME = "backtest"
 DEFAULT_COUNT = 1_000_000
@@ -196,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if live and live.get("large_backfill_average_tx_per_second") and run["tx_per_second"]:
         summary["vs_live_large_backfill"] = round(
             run["tx_per_second"] / live["large_backfill_average_tx_per_second"], 2)
-    stamped, _ = report.finish(summary=summary, run=run)
+    written = report.finish(summary=summary, run=run)
 
     print(format_table(
         ["transactions", "wall s", "tx/s", "read s", "Spark start s", "rules s", "rules tx/s",
@@ -212,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{live['marginal_tx_per_second']} tx/s, {live['large_backfill_size']} in "
               f"{live['large_backfill_average_tx_per_second']} tx/s on average; backtest "
               f"{run['tx_per_second']} tx/s end to end")
-    print(f"results: {stamped}")
+    print(f"results: {written}")
     ok = code == 0 and summary["all_read"] and summary["matches_oracle"] is not False
     return 0 if ok else 1
 

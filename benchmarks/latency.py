@@ -28,33 +28,37 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from benchmarks.common import (
-    AlertTail,
-    PacedSender,
-    Report,
-    SentTx,
-    Topics,
-    TriggerInjector,
-    add_detector_args,
-    base_parser,
+from benchmarks.live import AlertTail, PacedSender, SentTx, TriggerInjector, live_generator
+from benchmarks.report import Report, add_detector_args, base_parser, format_table, say, work_dir
+from benchmarks.workload import (
     detector_command,
-    format_table,
-    fresh_topics,
-    live_generator,
-    log_tail,
     metrics_path,
     oracle_by_id,
     read_json_lines,
+    summarize_batches,
+)
+from fraudstream import schemas
+from fraudstream.testing import (
+    Topics,
+    fresh_topics,
+    log_tail,
     running_broker,
-    say,
     start_process,
     stop_process,
     summarize,
-    summarize_batches,
-    wait_for,
-    work_dir,
+    wait_until,
 )
-from fraudstream import schemas
+
+__all__ = [
+    "HEADLINE_RULES",
+    "SparkLive",
+    "add_latency_args",
+    "latency_settings",
+    "main",
+    "measure_latency",
+    "resolve_latency_args",
+    "table",
+]
 
 NAME = "latency"
 #: The rules the latency targets are about (the others are measured and reported too).
@@ -145,8 +149,9 @@ def measure_latency(bootstrap: str, rate: float, args: argparse.Namespace, work:
     say(f"{label} at {rate:g} tx/s: waiting for the first batch/output ...")
     result: dict[str, Any] = {"engine": processor.engine, "rate": rate, "topics": vars(topics)}
     try:
-        if not wait_for(lambda: processor.first_output_time() is not None,
-                        args.startup_timeout, interval=0.5, alive=processor.process):
+        if not wait_until(lambda: processor.first_output_time() is not None,
+                          args.startup_timeout, interval=0.5,
+                          alive=lambda: processor.process.poll() is None):
             result["error"] = "no first batch before --startup-timeout (or the process exited)"
             result["log_tail"] = processor.log_tail()
             say(f"{result['error']}\n{result['log_tail']}")
@@ -157,8 +162,8 @@ def measure_latency(bootstrap: str, rate: float, args: argparse.Namespace, work:
         end_at = first + args.duration
         say(f"  first output after {first - (sender.started_at or first):.1f} s of traffic; "
             f"sampling until {args.duration:g} s after it")
-        wait_for(lambda: time.time() >= end_at, args.duration + 5, interval=0.5,
-                 alive=processor.process)
+        wait_until(lambda: time.time() >= end_at, args.duration + 5, interval=0.5,
+                   alive=lambda: processor.process.poll() is None)
         sender.stop()
         stopped = sender.stopped_at or time.time()
 
@@ -173,7 +178,7 @@ def measure_latency(bootstrap: str, rate: float, args: argparse.Namespace, work:
         def all_arrived() -> bool:
             return set(wanted) <= {a["alert_id"] for _, a in tail.alerts()}
 
-        wait_for(all_arrived, args.drain, interval=0.5)
+        wait_until(all_arrived, args.drain, interval=0.5)
         drained = time.time()
     finally:
         if sender.is_alive():
@@ -331,9 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for rate in args.rates:
             runs.append(measure_latency(bootstrap, rate, args, work, spark, "spark"))
-    stamped, _ = report.finish(summary=headline(runs), runs=runs)
+    written = report.finish(summary=headline(runs), runs=runs)
     print(table(runs))
-    print(f"results: {stamped}")
+    print(f"results: {written}")
     return 0 if all("error" not in run and run["exit_code"] == 0 for run in runs) else 1
 
 

@@ -26,31 +26,30 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.common import (
+from benchmarks.process_tree import ProcessTreeSampler
+from benchmarks.report import Report, add_detector_args, base_parser, format_table, say, work_dir
+from benchmarks.workload import (
     DataSpec,
-    ProcessTreeSampler,
-    Report,
-    add_detector_args,
-    base_parser,
-    create_topics,
     detector_command,
     distinct_users_in_window,
-    format_table,
-    fresh_topics,
     generate,
-    log_tail,
     metrics_path,
     preload,
     read_json_lines,
-    running_broker,
-    say,
-    start_process,
-    stop_process,
     summarize_batches,
-    wait_for,
-    work_dir,
 )
 from fraudstream.settings import DetectorSettings
+from fraudstream.testing import (
+    create_topics,
+    fresh_topics,
+    log_tail,
+    running_broker,
+    start_process,
+    stop_process,
+    wait_until,
+)
+
+__all__ = ["main"]
 
 NAME = "memory"
 TARGET_MB = 2048.0
@@ -128,14 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hold_from: float | None = None
         try:
-            caught_up = wait_for(lambda: rows_done() >= count, args.timeout, interval=1.0,
-                                 alive=process)
+            caught_up = wait_until(lambda: rows_done() >= count, args.timeout, interval=1.0,
+                                   alive=lambda: process.poll() is None)
             caught_up_at = time.monotonic() - launched
             if caught_up:
                 say(f"caught up after {caught_up_at:.1f} s; holding {hold:g} s")
                 hold_from = sampler.samples[-1].t if sampler.samples else 0.0
-                wait_for(lambda: time.monotonic() - launched >= caught_up_at + hold, hold + 5,
-                         alive=process)
+                wait_until(lambda: time.monotonic() - launched >= caught_up_at + hold, hold + 5,
+                           alive=lambda: process.poll() is None)
             else:
                 result["error"] = "the detector did not process every row before --timeout"
         finally:
@@ -166,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["within_target"] = (result["peak_rss_mb"] <= TARGET_MB
                                if caught_up and exit_code == 0 and result["peak_rss_mb"] is not None
                                else None)
-    stamped, _ = report.finish(data=data, result=result,
+    written = report.finish(data=data, result=result,
                                detector_metrics=summarize_batches(lines),
                                samples=[vars(s) for s in samples])
     print(format_table(
@@ -178,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           {True: "yes", False: "NO", None: "-"}[result["within_target"]], exit_code]]))
     if peak:
         print(f"at peak: {peak.by_kind_rss_mb} ({peak.processes} processes)")
-    print(f"results: {stamped}")
+    print(f"results: {written}")
     return 0 if caught_up and exit_code == 0 else 1
 
 

@@ -33,21 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.backtest import write_bronze
-from benchmarks.common import (
-    DataSpec,
-    Report,
-    base_parser,
-    child_env,
-    format_table,
-    generate,
-    log_tail,
-    run_timed,
-    say,
-    work_dir,
-)
+from benchmarks.report import Report, base_parser, format_table, say, work_dir
+from benchmarks.workload import DataSpec, generate
 from fraudstream.model import METRICS_FILE, model_versions
 from fraudstream.rules import default_definitions
 from fraudstream.settings import DetectorSettings
+from fraudstream.testing import child_env, log_tail, run_timed
+
+__all__ = ["main"]
 
 NAME = "model"
 DEFAULT_COUNT = 1_000_000
@@ -286,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   if value is not None]
         summary["within_allowed_slowdown"] = (all(v <= 1 + ALLOWED_SLOWDOWN for v in slower)
                                               if slower else None)
-    stamped, _ = report.finish(summary=summary, training=training,
+    written = report.finish(summary=summary, training=training,
                                cost={k: [(r or {}).get("summary") for r in v]
                                      if isinstance(v, list) else (v or {}).get("summary")
                                      for k, v in cost.items()})
@@ -319,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               ratio(engine.get("every_us"), engine.get("off_us"))],
              *[[f"p95 s, {name}", v["p95_off_s"], v["p95_on_s"], v["on_over_off"]]
                for name, v in summary["latency_p95"].items()]]))
-    print(f"results: {stamped}")
+    print(f"results: {written}")
     return 0 if training["exit_code"] == 0 else 1
 
 

@@ -1,4 +1,5 @@
-"""The Quix Streams peer: the default rules with the same SPEC semantics, as a Quix application.
+"""The Quix Streams peer: the default rules with the same semantics (docs/contract.md), as a
+Quix application.
 
 Run by ``benchmarks.quix_peer`` under an interpreter that has quixstreams
 (``python -m benchmarks.quix_app --help``). To keep the semantics identical it reuses the
@@ -39,6 +40,8 @@ from fraudstream.rules.kinds import MICROS, Tx
 from fraudstream.rules.ruleset import RuleSet
 from fraudstream.settings import DetectorSettings
 from spark_job.validation import ValidationLimits, classify, raw_text
+
+__all__ = ["main"]
 
 STATE_KEY = "rules"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -1,6 +1,6 @@
 """Quix Streams side by side: the same rules, broker and data; throughput and latency.
 
-The peer (``benchmarks.quix_app``) implements the four rules with the SPEC semantics as a Quix
+The peer (``benchmarks.quix_app``) implements the four rules with the contract's semantics as a Quix
 Streams application, reusing the detector's pure validation and per-user rule engine, so its
 alerts must equal the oracle's exactly like ours (checked on every backfill). It runs:
 
@@ -40,29 +40,31 @@ from typing import Any
 
 from benchmarks import latency as latency_bench
 from benchmarks import throughput as throughput_bench
-from benchmarks.common import (
+from benchmarks.report import (
     Report,
-    Topics,
     add_detector_args,
     base_parser,
-    compare_alerts,
     format_table,
-    fresh_topics,
-    log_tail,
-    loud_mismatch,
     quix_versions,
-    read_json_lines,
     read_latest,
-    read_topic,
     resolve_quix_python,
-    run_timed,
-    running_broker,
     say,
-    start_process,
-    stop_process,
     work_dir,
 )
 from benchmarks.throughput import Dataset
+from benchmarks.workload import compare_alerts, loud_mismatch, read_json_lines
+from fraudstream.testing import (
+    Topics,
+    fresh_topics,
+    log_tail,
+    read_values,
+    run_timed,
+    running_broker,
+    start_process,
+    stop_process,
+)
+
+__all__ = ["main"]
 
 NAME = "quix_peer"
 
@@ -120,7 +122,8 @@ def run_quix_backfill(bootstrap: str, dataset: Dataset, work: Path, args: argpar
     cmd = quix_command(args, bootstrap, topics, run_dir, expect=count)
     say(f"quix backfill of {count:,} transactions ...")
     seconds, code = run_timed(cmd, run_dir / "quix.log", args.timeout)
-    values = read_topic(bootstrap, topics.alerts, expected=len(dataset.expected), idle=5)
+    values = read_values(bootstrap, topics.alerts, expected=len(dataset.expected),
+                         idle_seconds=5, deadline_seconds=300)
     alerts = []
     for value in values:
         with contextlib.suppress(ValueError):

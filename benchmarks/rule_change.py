@@ -52,33 +52,26 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
-from benchmarks.common import (
-    AlertTail,
-    PacedSender,
-    Report,
-    add_detector_args,
-    base_parser,
-    detector_command,
-    format_table,
-    fresh_topics,
-    live_generator,
-    log_tail,
-    metrics_path,
-    running_broker,
-    say,
-    start_process,
-    stop_process,
-    summarize,
-    summarize_batches,
-    wait_for,
-    work_dir,
-)
+from benchmarks.live import AlertTail, PacedSender, live_generator
+from benchmarks.report import Report, add_detector_args, base_parser, format_table, say, work_dir
+from benchmarks.workload import detector_command, metrics_path, summarize_batches
 from fraudstream import schemas
 from fraudstream.rules.definition import RuleDefinition, definition_from_dict
 from fraudstream.rules.kinds import HighValue
 from fraudstream.rules.store import RulesTopic
 from fraudstream.settings import DetectorSettings
+from fraudstream.testing import (
+    fresh_topics,
+    log_tail,
+    running_broker,
+    start_process,
+    stop_process,
+    summarize,
+    wait_until,
+)
 from producer.generator import encode_transaction
+
+__all__ = ["main"]
 
 NAME = "rule_change"
 PROBE_RULE = "probe"
@@ -299,8 +292,9 @@ def measure(bootstrap: str, args: argparse.Namespace, work: Path) -> dict[str, A
     try:
         say(f"traffic at {args.rate:g} tx/s + a probe every {args.probe_interval:g} s; waiting "
             "for the detector's first batch ...")
-        if not wait_for(lambda: detector.first_batch_time() is not None, args.startup_timeout,
-                        interval=0.5, alive=detector.process):
+        if not wait_until(lambda: detector.first_batch_time() is not None, args.startup_timeout,
+                          interval=0.5,
+                          alive=lambda: detector.process.poll() is None):
             result["error"] = "no first batch before --startup-timeout (or the detector exited)"
             result["log_tail"] = log_tail(run_dir / "detector.log")
             say(f"{result['error']}\n{result['log_tail']}")
@@ -310,8 +304,8 @@ def measure(bootstrap: str, args: argparse.Namespace, work: Path) -> dict[str, A
 
         version = 1
         _, acked = publish(rules, probe_definition(version, False, args.probe_threshold))
-        wait_for(lambda: detector.batch_started_after(acked), args.change_timeout,
-                 alive=detector.process)
+        wait_until(lambda: detector.batch_started_after(acked), args.change_timeout,
+                   alive=lambda: detector.process.poll() is None)
         measure_from = time.time()
         say(f"  measuring {args.changes} changes")
         for index in range(args.changes):
@@ -328,7 +322,8 @@ def measure(bootstrap: str, args: argparse.Namespace, work: Path) -> dict[str, A
             def alerted(enabled: int = enabled) -> bool:
                 return probe_alerts.first_of(enabled) is not None
 
-            wait_for(alerted, args.change_timeout, interval=0.02, alive=detector.process)
+            wait_until(alerted, args.change_timeout, interval=0.02,
+                       alive=lambda: detector.process.poll() is None)
             change.first_alert_at = probe_alerts.first_of(enabled)
 
             time.sleep(rng.uniform(0.0, 1.0))
@@ -343,8 +338,8 @@ def measure(bootstrap: str, args: argparse.Namespace, work: Path) -> dict[str, A
                 return (detector.batch_started_after(since)
                         and time.time() - max(last, since) >= args.quiet)
 
-            change.stopped = wait_for(stopped, args.change_timeout, interval=0.1,
-                                      alive=detector.process)
+            change.stopped = wait_until(stopped, args.change_timeout, interval=0.1,
+                                        alive=lambda: detector.process.poll() is None)
             change.alerts = probe_alerts.count.get(enabled, 0)
             latency = (f"{change.first_alert_at - change.published_at:.2f} s"
                        if change.first_alert_at else "no alert")
@@ -518,14 +513,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "detector_args": args.detector_arg})
     with work_dir(args, NAME) as work, running_broker(work) as broker:
         result = measure(broker.bootstrap_servers, args, work)
-    stamped, _ = report.finish(summary=headline(result, trigger), result=result)
+    written = report.finish(summary=headline(result, trigger), result=result)
     print(table(result, trigger))
     own = (result.get("own_metrics") or {}).get("batch_seconds") or {}
     if own.get("p50") is not None:
         print(f"bound: publish -> first alert <= wait for the next batch (<= max(trigger "
               f"{trigger:g} s, a batch)) + one batch; batches here p50 {own['p50']:g} s, "
               f"max {own['max']:g} s")
-    print(f"results: {stamped}")
+    print(f"results: {written}")
     ok = ("error" not in result and result.get("exit_code") == 0 and not result["missing"]
           and not result["alerts_under_disabled_versions"])
     return 0 if ok else 1

@@ -22,33 +22,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
+from benchmarks.report import Report, add_detector_args, base_parser, format_table, say, work_dir
+from benchmarks.workload import (
     DataSpec,
-    Report,
-    add_detector_args,
-    base_parser,
     compare_alerts,
-    create_topics,
     detector_command,
-    format_table,
-    fresh_topics,
     generate,
-    log_tail,
     loud_mismatch,
     metrics_path,
     oracle_by_id,
     parquet_alerts,
     preload,
     read_json_lines,
-    run_timed,
-    running_broker,
-    say,
     summarize_batches,
-    work_dir,
 )
 from fraudstream.features import HISTORY_SECONDS
 from fraudstream.rules import MICROS, RuleDefinition
 from fraudstream.rules.store import RulesTopic
+from fraudstream.testing import create_topics, fresh_topics, log_tail, run_timed, running_broker
+
+__all__ = [
+    "Dataset",
+    "add_data_args",
+    "data_settings",
+    "main",
+    "marginal",
+    "prepare_datasets",
+    "run_spark_backfill",
+    "table",
+]
 
 NAME = "throughput"
 DEFAULT_SIZES = (40_000, 240_000)
@@ -236,13 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = marginal(runs)
     summary["all_match_oracle"] = all(run["alerts"]["match"] for run in runs)
     summary["all_exit_zero"] = all(run["exit_code"] == 0 for run in runs)
-    stamped, _ = report.finish(summary=summary, datasets=[d.describe() for d in datasets],
+    written = report.finish(summary=summary, datasets=[d.describe() for d in datasets],
                                runs=runs)
     print(table(runs))
     print(f"\nmarginal rate: {summary.get('marginal_tx_per_second')} tx/s "
           f"(({summary.get('large')} - {summary.get('small')}) / "
           f"({summary.get('large_wall_seconds')} - {summary.get('small_wall_seconds')}) s)")
-    print(f"results: {stamped}")
+    print(f"results: {written}")
     return 0 if summary["all_match_oracle"] and summary["all_exit_zero"] else 1
 
 

@@ -60,52 +60,13 @@ def spark():  # type: ignore[no-untyped-def]
     session.stop()
 
 
-def read_topic(bootstrap: str, topic: str, idle_seconds: float = 3.0,
-               deadline_seconds: float = 60.0) -> list:  # type: ignore[type-arg]
-    """Every message of a topic, read with assign() from offset 0 until it stays idle."""
-    import time
-
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fraudstream-tests",
-                         "enable.auto.commit": False})
-    try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        partitions = sorted(metadata.topics[topic].partitions)
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        messages = []
-        deadline = time.monotonic() + deadline_seconds
-        last = time.monotonic()
-        while time.monotonic() - last < idle_seconds and time.monotonic() < deadline:
-            for message in consumer.consume(1000, timeout=0.5):
-                if message.error() is None:
-                    messages.append(message)
-                    last = time.monotonic()
-        return messages
-    finally:
-        consumer.close()
-
-
 @pytest.fixture
 def unique_topics(broker: EmbeddedBroker, request: pytest.FixtureRequest) -> dict[str, str]:
     """Fresh transactions/alerts/DLQ topics for one test, so tests sharing the session broker
     never see each other's records. Returns the env vars that point the services at them."""
     import re
-    import uuid
 
-    from fraudstream.kafka import ensure_topics, wait_for_broker
-    from fraudstream.topics import default_topic_specs
+    from fraudstream.testing import fresh_topics
 
-    stem = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]
-    names = {"transactions": f"tx-{stem}", "alerts": f"alerts-{stem}", "dlq": f"dlq-{stem}",
-             "rules": f"rules-{stem}"}
-    admin = wait_for_broker(broker.client_config(), 10)
-    ensure_topics(admin, default_topic_specs(3, transactions=names["transactions"],
-                                             alerts=names["alerts"], dlq=names["dlq"]))
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-        "TRANSACTIONS_TOPIC": names["transactions"],
-        "ALERTS_TOPIC": names["alerts"],
-        "DLQ_TOPIC": names["dlq"],
-        "RULES_TOPIC": names["rules"],
-    }
+    label = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:40]
+    return fresh_topics(broker.bootstrap_servers, label, 3, rules=True).env()

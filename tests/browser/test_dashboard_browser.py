@@ -32,7 +32,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
-from conftest import read_topic
 from support.browser import (
     GRID_SNAPSHOT,
     REPO,
@@ -54,6 +53,7 @@ from fraudstream.schemas import (
     parse_timestamp,
 )
 from fraudstream.settings import DashboardSettings, load_settings
+from fraudstream.testing import read_messages
 from fraudstream.topics import default_topic_specs
 from producer.generator import TransactionGenerator, encode_transaction
 
@@ -129,7 +129,7 @@ def run_pipeline(broker: EmbeddedBroker, topics: dict[str, str], work: Path) -> 
                  "SPARK_LOCAL_IP": "127.0.0.1"},
             stdout=log, stderr=subprocess.STDOUT, timeout=DETECTOR_TIMEOUT, check=False)
     assert detector.returncode == 0, log_path.read_text(errors="replace")[-4000:]
-    alerts = [json.loads(m.value()) for m in read_topic(broker.bootstrap_servers,
+    alerts = [json.loads(m.value()) for m in read_messages(broker.bootstrap_servers,
                                                          topics["alerts"])]
     rules = Counter(a["rule"] for a in alerts)
     assert set(rules) == set(RULES), f"the detector should alert on every rule: {rules}"

@@ -27,7 +27,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import read_topic
 from support.browser import (
     new_page,
     served_dashboard,
@@ -46,6 +45,7 @@ from fraudstream.schemas import (
     VELOCITY,
     alert_id,
 )
+from fraudstream.testing import read_messages
 from fraudstream.topics import TopicSpec
 from fraudstream.verdicts.store import VerdictStore
 
@@ -188,7 +188,7 @@ def test_record_a_verdict_from_the_queue_and_find_it_after_a_restart(
         page.screenshot(path=str(target), full_page=True)
         assert target.stat().st_size > 10_000
 
-    messages = read_topic(broker.bootstrap_servers, verdicts_topic)
+    messages = read_messages(broker.bootstrap_servers, verdicts_topic)
     assert [m.key().decode() for m in messages] == [newest["alert_id"]]
     published = json.loads(messages[0].value())
     assert {k: published[k] for k in ("alert_id", "verdict", "note", "analyst")} == \

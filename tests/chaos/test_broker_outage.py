@@ -37,15 +37,13 @@ from support.pipeline import (
     duplicates,
     in_flight,
     parquet_rows,
-    produce,
-    read_json_topic,
     start_detector,
     transaction_records,
-    wait_for,
 )
 
 from fraudstream import schemas, topics
 from fraudstream.broker import EmbeddedBroker
+from fraudstream.testing import produce, read_json, wait_for
 
 TRANSACTIONS = 2_000
 ROWS_PER_BATCH = 500
@@ -102,7 +100,7 @@ def test_detector_rides_out_a_hung_broker_and_refuses_an_emptied_one(tmp_path: P
                  f"seed {seed}: the detector to catch up after the pause", alive=run.alive)
         assert batch_logs(checkpoint)[1][-1] > committed_before
         reports = timeouts(run.output()[output_before:])
-        published, extra_copies = dedup_by_alert_id(read_json_topic(bootstrap, topics.ALERTS))
+        published, extra_copies = dedup_by_alert_id(read_json(bootstrap, topics.ALERTS))
         print(f"hung broker, seed {seed}: paused {pause_seconds:.1f} s with batch "
               f"{committed_before + 1} in flight; {len(reports)} client reports of the outage; "
               f"Kafka extra copies {extra_copies}")

@@ -17,18 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from support.ground import chaos_seed, ground_truth
-from support.pipeline import (
-    alert_rows,
-    detector_env,
-    duplicates,
-    produce,
-    run_detector,
-    transaction_records,
-)
+from support.pipeline import alert_rows, detector_env, duplicates, run_detector, transaction_records
 
 from fraudstream import datasets, schemas, topics
 from fraudstream.broker import EmbeddedBroker
 from fraudstream.rules.store import RulesTopic
+from fraudstream.testing import produce
 from spark_job.epochs import ARCHIVE_FOLDER, EPOCH_FILE
 
 TRANSACTIONS = 1_500

@@ -24,13 +24,13 @@ from support.pipeline import (
     drop_newest_commit,
     duplicates,
     parquet_rows,
-    produce,
     transaction_records,
 )
 
 from fraudstream import schemas
 from fraudstream.datasets import ALERTS_SCHEMA
 from fraudstream.settings import DetectorSettings, load_settings
+from fraudstream.testing import produce
 from spark_job.app import Detector
 from spark_job.batch import DetectorOutputs
 

@@ -53,20 +53,17 @@ from support.pipeline import (
     detector_env,
     drop_newest_commit,
     duplicates,
-    fresh_topics,
     log_heads,
     metrics_lines,
     parquet_rows,
-    produce,
-    read_json_topic,
     run_detector,
     start_detector,
     transaction_records,
-    wait_for,
 )
 
 from fraudstream import schemas
 from fraudstream.broker import EmbeddedBroker
+from fraudstream.testing import fresh_topics, produce, read_json, wait_for
 
 TRANSACTIONS = 10_000
 #: Slices of the stream, produced one after another (a "between" kill ends each but the last).
@@ -115,7 +112,7 @@ class Crashed:
         return self.work / "detector.log"
 
     def published(self) -> list[dict[str, Any]]:
-        return read_json_topic(self.env["KAFKA_BOOTSTRAP_SERVERS"], self.env["ALERTS_TOPIC"])
+        return read_json(self.env["KAFKA_BOOTSTRAP_SERVERS"], self.env["ALERTS_TOPIC"])
 
 
 def uncommitted_alert_ids(checkpoint: Path, parquet: Path) -> list[str] | None:
@@ -180,7 +177,7 @@ def crashed(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) ->
     per_rule = {rule: sum(a["rule"] == rule for a in ground.expected.values())
                 for rule in schemas.RULES}
     assert min(per_rule.values()) >= 20, f"seed {seed}: too few alerts of some rule: {per_rule}"
-    topics_env = fresh_topics(broker.bootstrap_servers, "crash")
+    topics_env = fresh_topics(broker.bootstrap_servers, "crash", rules=True).env()
     work = tmp_path_factory.mktemp("crash")
     state = Crashed(seed, ground, detector_env(
         topics_env, work, MAX_ROWS_PER_BATCH=str(ROWS_PER_BATCH), CONSOLE_ALERTS="false"), work)

@@ -18,18 +18,16 @@ from support.pipeline import (
     caught_up,
     detector_env,
     duplicates,
-    fresh_topics,
     parquet_rows,
-    produce,
     start_detector,
     transaction_records,
-    wait_for,
 )
 from support.rule_change import rule_change_stream
 
 from fraudstream import schemas
 from fraudstream.broker import EmbeddedBroker
 from fraudstream.rules.store import RulesTopic
+from fraudstream.testing import fresh_topics, produce, wait_for
 
 
 def rules_offset(checkpoint: Path, batch_id: int) -> int:
@@ -51,7 +49,7 @@ def change_in_flight(checkpoint: Path, rules_end: int) -> bool:
 
 def test_kill_right_after_a_rule_change_replays_to_the_same_alerts(
         broker: EmbeddedBroker, tmp_path: Path) -> None:
-    topics = fresh_topics(broker.bootstrap_servers, "rule-kill")
+    topics = fresh_topics(broker.bootstrap_servers, "rule-kill", rules=True).env()
     env = detector_env(topics, tmp_path)
     checkpoint, parquet = tmp_path / "checkpoint", tmp_path / "parquet"
     changes_dir = parquet / schemas.RULE_CHANGES_DATASET

@@ -12,11 +12,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow.dataset as ds
-from confluent_kafka import Producer
-from conftest import REPO_ROOT, read_topic
 
 from fraudstream import schemas
 from fraudstream.rules.oracle import expected_alerts
+from fraudstream.testing import REPO_ROOT, produce, read_json
 from producer.generator import TransactionGenerator, encode_transaction
 
 BAD_RECORDS = [
@@ -24,16 +23,6 @@ BAD_RECORDS = [
     (b"[1, 2, 3]", schemas.NOT_AN_OBJECT),
     (b'{"transaction_id": "x"}', schemas.MISSING_FIELD),
 ]
-
-
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
-    # Ordinary batching on purpose: the local broker then under-reports the latest offset,
-    # and the source must still deliver every record.
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                         "enable.idempotence": True, "acks": "all"})
-    for key, value in records:
-        producer.produce(topic, key=key, value=value)
-    assert producer.flush(30) == 0
 
 
 def run_detector(env: dict[str, str], work: Path) -> subprocess.CompletedProcess[str]:
@@ -71,15 +60,14 @@ def test_pipeline_alerts_equal_the_oracle_and_backfill_sees_every_record(
         "the seeded stream should exercise all four rules"
     parquet_alerts = parquet_rows(tmp_path / "parquet" / schemas.ALERTS_DATASET)
     assert sorted(a["alert_id"] for a in parquet_alerts) == sorted(expected)
-    topic_alerts = [json.loads(m.value()) for m in
-                    read_topic(bootstrap, unique_topics["ALERTS_TOPIC"])]
+    topic_alerts = read_json(bootstrap, unique_topics["ALERTS_TOPIC"])
     assert {a["alert_id"] for a in topic_alerts} == set(expected)
     assert all(set(a) == set(schemas.ALERT_FIELDS) for a in topic_alerts)
     assert "ALERT " in result.stdout  # console sink
 
     dlq = parquet_rows(tmp_path / "parquet" / schemas.DLQ_DATASET)
     assert sorted(r["error_reason"] for r in dlq) == sorted(code for _, code in BAD_RECORDS)
-    dlq_topic = [json.loads(m.value()) for m in read_topic(bootstrap, unique_topics["DLQ_TOPIC"])]
+    dlq_topic = read_json(bootstrap, unique_topics["DLQ_TOPIC"])
     assert sorted(r["reason"] for r in dlq_topic) == sorted(code for _, code in BAD_RECORDS)
     assert all(r["source_topic"] == unique_topics["TRANSACTIONS_TOPIC"] for r in dlq_topic)
 

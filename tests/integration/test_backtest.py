@@ -21,17 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from support.ground import chaos_seed, ground_truth
-from support.pipeline import (
-    detector_env,
-    fresh_topics,
-    produce,
-    run_detector,
-    transaction_records,
-)
+from support.pipeline import detector_env, run_detector, transaction_records
 
 from fraudstream import datasets, schemas
 from fraudstream.rules import default_definitions, definition_from_dict
 from fraudstream.rules.oracle import expected_alerts
+from fraudstream.testing import fresh_topics, produce
 from fraudstream.verdicts import make_verdict
 from spark_job.backtest import OUTPUT_FILE, main
 
@@ -357,7 +352,7 @@ def test_backtest_of_the_live_defaults_reproduces_the_live_alerts(
         spark, broker, tmp_path: Path,  # type: ignore[no-untyped-def]
         capsys: pytest.CaptureFixture[str]) -> None:
     ground = ground_truth(chaos_seed(), 2000)
-    topics_env = fresh_topics(broker.bootstrap_servers, "backtest")
+    topics_env = fresh_topics(broker.bootstrap_servers, "backtest", rules=True).env()
     produce(broker.bootstrap_servers, topics_env["TRANSACTIONS_TOPIC"],
             transaction_records(ground.transactions))
     env = detector_env(topics_env, tmp_path, CONSOLE_ALERTS="false")

@@ -25,13 +25,12 @@ from support.pipeline import (
     dlq_rows,
     metrics_lines,
     parquet_rows,
-    produce,
-    read_json_topic,
     run_detector,
 )
 
 from fraudstream import schemas
 from fraudstream.rules.oracle import expected_alerts
+from fraudstream.testing import produce, read_json
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 #: Event time of the good records: well in the past, so none of them is "future".
@@ -76,7 +75,7 @@ FAR_FUTURE = schemas.format_timestamp(NOW + timedelta(days=1))
 
 #: (name, value, expected reason). Names are for messages; values are sent byte for byte.
 BAD_INPUT: list[tuple[str, bytes | None, str]] = [
-    # SPEC.md classes
+    # the contract's classes (docs/contract.md)
     ("not JSON", b"{not json", schemas.INVALID_JSON),
     ("missing required field", without("merchant_id"), schemas.MISSING_FIELD),
     ("only an id", b'{"transaction_id": "x"}', schemas.MISSING_FIELD),
@@ -191,8 +190,8 @@ def test_every_bad_record_lands_in_the_dlq_once_with_its_reason_and_good_ones_st
     check(parquet_reasons, "parquet_data/dlq")
     assert len(dlq) == len(BAD_INPUT)
 
-    # DLQ topic: the same, in the SPEC's shape, with the original bytes as text.
-    letters = read_json_topic(bootstrap, unique_topics["DLQ_TOPIC"])
+    # DLQ topic: the same, in the contract's shape, with the original bytes as text.
+    letters = read_json(bootstrap, unique_topics["DLQ_TOPIC"])
     topic_reasons: dict[tuple[int, int], list[str]] = {}
     for letter in letters:
         assert set(letter) >= set(schemas.DLQ_FIELDS), sorted(letter)
@@ -217,7 +216,7 @@ def test_every_bad_record_lands_in_the_dlq_once_with_its_reason_and_good_ones_st
     alerts = alert_rows(parquet)
     assert sorted(a["alert_id"] for a in alerts) == sorted(expected), \
         f"alerts {[(a['rule'], a['user_id']) for a in alerts]}"
-    topic_alerts = read_json_topic(bootstrap, unique_topics["ALERTS_TOPIC"])
+    topic_alerts = read_json(bootstrap, unique_topics["ALERTS_TOPIC"])
     assert {a["alert_id"] for a in topic_alerts} == set(expected)
 
     # Counters and the watermark: rejected timestamps must not drag it forward.

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT
 
 from fraudstream import schemas
+from fraudstream.testing import REPO_ROOT
 
 MACHINE_KEYS = {"cpu_count", "cpu_model", "ram_mb", "load_average_before", "load_average_after"}
 VERSION_KEYS = {"python", "pyspark", "java", "confluent_kafka", "quixstreams"}
@@ -33,10 +33,10 @@ def run_benchmark(name: str, tmp_path: Path, *extra: str) -> tuple[dict[str, Any
     )
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     latest = results / f"{name}-latest.json"
-    stamped = sorted(results.glob(f"{name}-2*.json"))
-    assert latest.exists() and len(stamped) == 1
+    # One file per benchmark: the latest run replaces the previous one.
+    assert sorted(p.name for p in results.iterdir()) == [latest.name]
+    assert f"results: {latest}" in done.stdout
     data = json.loads(latest.read_text())
-    assert data == json.loads(stamped[0].read_text())
     assert data["benchmark"] == name and data["quick"] is True
     assert set(data["machine"]) >= MACHINE_KEYS and data["machine"]["cpu_count"] >= 1
     assert set(data["versions"]) >= VERSION_KEYS and data["versions"]["pyspark"]

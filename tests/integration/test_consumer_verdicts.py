@@ -23,12 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Producer
-from conftest import read_topic
 
 from fraudstream.broker import EmbeddedBroker, free_port
 from fraudstream.datasets import ALERTS_SCHEMA
 from fraudstream.schemas import ALERTS_DATASET, alert_id, format_timestamp
 from fraudstream.settings import CONFIG_ENV
+from fraudstream.testing import read_messages
 from fraudstream.verdicts import MAX_NOTE, VerdictStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def store_of(env: dict[str, str]) -> VerdictStore:
 
 def published(broker: EmbeddedBroker, env: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
     return [(m.key().decode(), json.loads(m.value()))
-            for m in read_topic(broker.bootstrap_servers, env["VERDICTS_TOPIC"],
+            for m in read_messages(broker.bootstrap_servers, env["VERDICTS_TOPIC"],
                                 idle_seconds=2)]
 
 

@@ -22,16 +22,13 @@ from support.pipeline import (
     dedup_by_alert_id,
     detector_env,
     duplicates,
-    fresh_topics,
-    produce,
-    read_json_topic,
     start_detector,
-    wait_for,
 )
 
 from fraudstream import schemas
 from fraudstream.broker import EmbeddedBroker
 from fraudstream.rules.oracle import expected_alerts
+from fraudstream.testing import fresh_topics, produce, read_json, wait_for
 
 BASE = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
 
@@ -88,7 +85,7 @@ def resend_run(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory)
                for t in second), "the second round of resends must be within the watermark"
 
     work = tmp_path_factory.mktemp("duplicates")
-    names = fresh_topics(broker.bootstrap_servers, "dup")
+    names = fresh_topics(broker.bootstrap_servers, "dup", rules=True).env()
     env = detector_env(names, work, MAX_ROWS_PER_BATCH="8", CONSOLE_ALERTS="false")
     checkpoint = work / "checkpoint"
     # One partition, so micro-batches follow the list order (no event is read after a newer one
@@ -110,7 +107,7 @@ def resend_run(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory)
             run.kill_and_reap()
     assert code == 0, run.tail()
     return ResendRun(first, second, users, alert_rows(work / "parquet"),
-                     read_json_topic(broker.bootstrap_servers, names["ALERTS_TOPIC"]))
+                     read_json(broker.bootstrap_servers, names["ALERTS_TOPIC"]))
 
 
 def alerts_of(run: ResendRun, user: str) -> list[dict[str, Any]]:

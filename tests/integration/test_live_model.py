@@ -26,10 +26,8 @@ from support.pipeline import (
     detector_env,
     metrics_lines,
     parquet_rows,
-    produce,
     start_detector,
     transaction_records,
-    wait_for,
 )
 
 from fraudstream import schemas
@@ -38,6 +36,7 @@ from fraudstream.model import MODEL_FILE, MODEL_FORMAT, Scorer
 from fraudstream.rules import Tx, definition_from_dict
 from fraudstream.rules.oracle import as_tx
 from fraudstream.rules.store import RulesTopic
+from fraudstream.testing import produce, wait_for
 
 COLUMN = {name: index for index, name in enumerate(FEATURE_NAMES)}
 THRESHOLD = 0.8

@@ -17,16 +17,15 @@ from support.pipeline import (
     caught_up,
     detector_env,
     parquet_rows,
-    produce,
     start_detector,
     transaction_records,
-    wait_for,
 )
 from support.rule_change import rule_change_stream
 
 from fraudstream import schemas
 from fraudstream.rules.store import RulesTopic
 from fraudstream.settings import DetectorSettings, load_settings
+from fraudstream.testing import produce, wait_for
 from spark_job.app import publish_default_rules
 
 #: (key, value, what the refusal reason must say): bad definitions published live.

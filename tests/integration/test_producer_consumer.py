@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from fraudstream import topics
@@ -36,6 +36,7 @@ from fraudstream.schemas import (
     parse_timestamp,
 )
 from fraudstream.settings import CONFIG_ENV
+from fraudstream.testing import produce
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
@@ -147,25 +148,6 @@ def make_alert(rule: str, user: str, count: int, amount: float) -> dict[str, Any
         "transaction_ids": ids, "reason": f"{rule} evidence ({count})",
         "detected_at": "2026-11-22T10:15:42.310Z",
     }
-
-
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]
-            ) -> list[tuple[int, int]]:
-    """Send in order; returns (partition, offset) per record from the delivery reports."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
-    placed: dict[int, tuple[int, int]] = {}
-
-    def report(index: int) -> Callable[[Any, Any], None]:
-        def on_delivery(err: Any, msg: Any) -> None:
-            assert err is None, err
-            placed[index] = (msg.partition(), msg.offset())
-        return on_delivery
-
-    for index, (key, value) in enumerate(records):
-        producer.produce(topic, value, key, on_delivery=report(index))
-    assert producer.flush(30) == 0
-    assert len(placed) == len(records)
-    return [placed[i] for i in range(len(records))]
 
 
 # --- producer -------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from support.ground import ground_truth
-from support.pipeline import REPO_ROOT, detector_env, produce, run_detector, transaction_records
+from support.pipeline import REPO_ROOT, detector_env, run_detector, transaction_records
 from support.s3 import s3_server
 
 from fraudstream import datasets, schemas
 from fraudstream.storage import _remote_filesystem, filesystem, storage_path
+from fraudstream.testing import produce
 from spark_job.sinks import ParquetBatchSink
 
 BUCKET = "fraudstream"

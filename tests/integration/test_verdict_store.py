@@ -20,12 +20,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import read_topic
 from support.postgres import create_database, postgres_server
 
 from fraudstream.broker import EmbeddedBroker, free_port
 from fraudstream.datasets import ALERTS_SCHEMA
 from fraudstream.schemas import ALERTS_DATASET, alert_id
+from fraudstream.testing import read_messages
 from fraudstream.verdicts import (
     MAX_NOTE,
     SCHEMA_VERSION,
@@ -330,7 +330,7 @@ def test_a_locked_sqlite_database_fails_after_the_timeout_and_loses_nothing(
 
 def read_verdicts(broker: EmbeddedBroker, topic: str) -> list[tuple[str, dict[str, object]]]:
     return [(m.key().decode(), json.loads(m.value()))
-            for m in read_topic(broker.bootstrap_servers, topic, idle_seconds=2)]
+            for m in read_messages(broker.bootstrap_servers, topic, idle_seconds=2)]
 
 
 def test_decide_records_then_publishes(store: VerdictStore, broker: EmbeddedBroker,

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from support.pipeline import end_process
+from fraudstream.testing import end_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -123,10 +123,8 @@ def served_dashboard(env: Mapping[str, str], log_path: Path,
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    """:func:`fraudstream.testing.wait_for` polling at a page's pace."""
+    wait_for(condition, timeout, what, interval=0.05)
 
 
 def settled(page: Any) -> bool:

@@ -1,7 +1,7 @@
 """The chaos tier's reproducible seed and seeded ground-truth stream.
 
 (Not a tests/chaos/conftest.py: a second module named ``conftest`` would replace the root one in
-``sys.modules`` and break ``from conftest import ...`` in other tiers.)
+``sys.modules``.)
 
 Every random choice of a chaos test (the stream, where the detector is killed, how long a pause
 lasts) comes from ``chaos_seed()``. It is printed at the start of each test and repeated in every

@@ -17,60 +17,22 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow.dataset as ds
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from fraudstream import datasets, schemas
+from fraudstream.testing import REPO_ROOT, Record, group_alive
 from producer.generator import encode_transaction
 from spark_job.epochs import EPOCH_FILE
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-Record = tuple[bytes | None, bytes | None]
+# --- records -------------------------------------------------------------------------------------
 
 
-# --- producing -----------------------------------------------------------------------------------
-
-
-def produce(bootstrap: str, topic: str, records: Iterable[Record],
-            extra_config: Mapping[str, Any] | None = None, timeout: float = 60,
-            partition: int | None = None) -> list[tuple[int, int]]:
-    """Send (key, value) pairs byte for byte with an idempotent producer and ordinary batching
-    (the local broker then under-reports its end offsets, which the source must cope with).
-    ``partition`` pins every record to one partition (default: by key). Fails unless every
-    record was acknowledged; returns each record's (partition, offset), in input order."""
-    failures: list[KafkaError] = []
-    positions: list[tuple[int, int]] = []
-
-    def on_delivery(index: int) -> Callable[[KafkaError | None, Any], None]:
-        def report(error: KafkaError | None, message: Any) -> None:
-            if error is not None:
-                failures.append(error)
-            else:
-                positions[index] = (message.partition(), message.offset())
-        return report
-
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                         "enable.idempotence": True, "acks": "all", **(extra_config or {})})
-    pinned = {} if partition is None else {"partition": partition}
-    for index, (key, value) in enumerate(records):
-        positions.append((-1, -1))
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value, on_delivery=on_delivery(index),
-                                 **pinned)
-                break
-            except BufferError:
-                producer.poll(0.1)
-    remaining = producer.flush(timeout)
-    assert remaining == 0 and not failures, \
-        f"{remaining} records undelivered, failures: {failures[:3]}"
-    return positions
 
 
 def transaction_records(transactions: Iterable[Mapping[str, Any]]) -> list[Record]:
@@ -163,34 +125,8 @@ class DetectorRun:
         return self.output()[-chars:]
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A group of zombies still answers killpg; look for a live member.
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
-def end_process(process: subprocess.Popen[Any], timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL if ``process`` outlives ``timeout``; reaped either way."""
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout)
 
 
 def start_detector(env: Mapping[str, str], log_path: Path, *args: str) -> DetectorRun:
@@ -319,31 +255,8 @@ def drop_newest_commit(checkpoint_dir: Path) -> int:
     return newest
 
 
-def read_topic_values(bootstrap: str, topic: str, idle_seconds: float = 3.0,
-                      deadline_seconds: float = 120.0) -> list[bytes]:
-    """Every value of a topic, read with assign() from offset 0 until nothing new arrives for
-    ``idle_seconds`` (Tansu's end offsets lag, so reading is the only reliable end check)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fraudstream-chaos-tests",
-                         "enable.auto.commit": False, "enable.partition.eof": False})
-    try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        partitions = sorted(metadata.topics[topic].partitions)
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        values: list[bytes] = []
-        deadline = time.monotonic() + deadline_seconds
-        last = time.monotonic()
-        while time.monotonic() - last < idle_seconds and time.monotonic() < deadline:
-            for message in consumer.consume(1000, timeout=0.5):
-                if message.error() is None:
-                    values.append(message.value())
-                    last = time.monotonic()
-        return values
-    finally:
-        consumer.close()
 
 
-def read_json_topic(bootstrap: str, topic: str, **kwargs: float) -> list[dict[str, Any]]:
-    return [json.loads(value) for value in read_topic_values(bootstrap, topic, **kwargs)]
 
 
 def dedup_by_alert_id(alerts: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Mapping[str, Any]],
@@ -360,46 +273,6 @@ def dedup_by_alert_id(alerts: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Ma
 def duplicates(values: Sequence[Any]) -> dict[Any, int]:
     """Values that occur more than once, with their counts."""
     return {v: n for v, n in Counter(values).items() if n > 1}
-
-
-# --- polling -------------------------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str,
-             interval: float = 0.2, alive: Callable[[], bool] | None = None) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` after
-    ``timeout`` s, or as soon as ``alive`` says the process under test has gone."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if alive is not None and not alive():
-            raise AssertionError(f"process exited while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-# --- topics ------------------------------------------------------------------------------------
-
-
-def fresh_topics(bootstrap: str, label: str, partitions: int = 3) -> dict[str, str]:
-    """New transactions/alerts/DLQ topics (for module-scoped fixtures, where the function-scoped
-    ``unique_topics`` fixture cannot be used); returns the env vars that select them."""
-    import uuid
-
-    from fraudstream.kafka import ensure_topics, wait_for_broker
-    from fraudstream.topics import default_topic_specs
-
-    stem = f"{label}-{uuid.uuid4().hex[:8]}"
-    names = {"TRANSACTIONS_TOPIC": f"tx-{stem}", "ALERTS_TOPIC": f"alerts-{stem}",
-             "DLQ_TOPIC": f"dlq-{stem}", "RULES_TOPIC": f"rules-{stem}"}
-    admin = wait_for_broker({"bootstrap.servers": bootstrap}, 30)
-    ensure_topics(admin, default_topic_specs(partitions, transactions=names["TRANSACTIONS_TOPIC"],
-                                             alerts=names["ALERTS_TOPIC"],
-                                             dlq=names["DLQ_TOPIC"]))
-    return {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, **names}
 
 
 class TopicTail:

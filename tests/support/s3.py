@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fraudstream.broker import free_port
-from support.pipeline import end_process
+from fraudstream.testing import end_process
 
 __all__ = ["S3_ENV", "s3_server"]
 
