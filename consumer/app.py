@@ -43,6 +43,8 @@ from consumer.render import (
 from fraudstream.kafka import BrokerUnavailable, wait_for_broker
 from fraudstream.settings import ConsumerSettings
 
+__all__ = ["run"]
+
 if TYPE_CHECKING:  # the verdict store (SQLAlchemy) is imported only when verdicts are shown
     from fraudstream.verdicts import RecordedVerdict, VerdictStore
 

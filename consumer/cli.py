@@ -14,6 +14,8 @@ from fraudstream.logs import setup_logging
 from fraudstream.settings import ConsumerSettings, load_settings, run_entry_point
 from fraudstream.verdicts.model import VERDICTS
 
+__all__ = ["ANALYST_ENV", "main"]
+
 #: Who gives a verdict when --analyst is not given (the same variable the rules CLI reads).
 ANALYST_ENV: Final = "FRAUDSTREAM_ANALYST"
 

@@ -14,6 +14,22 @@ from typing import Any, Final
 from fraudstream.rules.kinds import KINDS, ansi_colour
 from fraudstream.schemas import RULES
 
+__all__ = [
+    "RESET",
+    "MalformedAlert",
+    "SeenIds",
+    "clean",
+    "format_alert",
+    "format_totals",
+    "format_verdict_tag",
+    "format_warning",
+    "json_line",
+    "matches",
+    "parse_alert",
+    "rule_colour",
+    "use_color",
+]
+
 RESET: Final = "\033[0m"
 BOLD: Final = "\033[1m"
 DIM: Final = "\033[2m"

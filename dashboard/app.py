@@ -11,8 +11,8 @@ import streamlit as st
 from dashboard.cli import ARGS_ENV
 from dashboard.data import resources
 from dashboard.data.resources import ANALYST_KEY, DashboardContext, set_context
+from fraudstream.quality import rule_spans
 from fraudstream.settings import DashboardSettings, DetectorSettings, SettingsError, load_settings
-from spark_job.quality import rule_spans
 
 #: The analyst's name when the sidebar field is left as it starts (shared machines, kiosks).
 ANALYST_ENV = "FRAUDSTREAM_ANALYST"

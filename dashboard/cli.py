@@ -19,6 +19,12 @@ from pathlib import Path
 
 from fraudstream.settings import DashboardSettings, load_settings, run_entry_point
 
+__all__ = [
+    "ARGS_ENV",
+    "main",
+    "streamlit_command",
+]
+
 ARGS_ENV = "FRAUDSTREAM_DASHBOARD_ARGS"
 APP = Path(__file__).resolve().with_name("app.py")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+__all__ = ["coordinates"]
+
 _FALLBACK: Mapping[str, tuple[float, float]] = {
     "Paris": (48.8566, 2.3522), "Lyon": (45.7640, 4.8357), "Marseille": (43.2965, 5.3698),
     "Berlin": (52.5200, 13.4050), "Munich": (48.1351, 11.5820), "Madrid": (40.4168, -3.7038),

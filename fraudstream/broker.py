@@ -26,6 +26,13 @@ from fraudstream.logs import setup_logging
 from fraudstream.settings import BrokerSettings, load_settings, run_entry_point
 from fraudstream.topics import TopicSpec, default_topic_specs
 
+__all__ = [
+    "EmbeddedBroker",
+    "free_port",
+    "main",
+    "tansu_binary",
+]
+
 log = logging.getLogger(__name__)
 
 

@@ -46,11 +46,27 @@ from fraudstream.schemas import (
 )
 from fraudstream.storage import StoragePath, filesystem, storage_path
 
+__all__ = [
+    "ALERTS_SCHEMA",
+    "DLQ_SCHEMA",
+    "PART_FILE",
+    "RULE_CHANGES_SCHEMA",
+    "TRANSACTIONS_SCHEMA",
+    "batch_folder",
+    "conform",
+    "dataset_files",
+    "epoch_folder",
+    "first_of_each",
+    "list_dataset",
+    "read_dataset",
+    "read_parquet_file",
+]
+
 log = logging.getLogger(__name__)
 
 _TS: Final = pa.timestamp("us", tz="UTC")
 
-#: ``parquet_data/alerts/``: one row per alert, the SPEC alert fields.
+#: ``parquet_data/alerts/``: one row per alert, the contract's alert fields.
 ALERTS_SCHEMA: Final = pa.schema([
     ("alert_id", pa.string()), ("rule", pa.string()), ("rule_version", pa.int64()),
     ("user_id", pa.string()),

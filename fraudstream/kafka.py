@@ -11,6 +11,12 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from fraudstream.topics import TopicSpec
 
+__all__ = [
+    "BrokerUnavailable",
+    "ensure_topics",
+    "wait_for_broker",
+]
+
 log = logging.getLogger(__name__)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+__all__ = ["setup_logging"]
+
 
 def setup_logging(service: str, level: str | None = None) -> None:
     logging.basicConfig(

@@ -55,6 +55,21 @@ from fraudstream.rules.kinds import MICROS
 from fraudstream.schemas import ALERTS_DATASET, RULES, TRANSACTIONS_DATASET
 from fraudstream.settings import DetectorSettings, load_settings, run_entry_point
 
+__all__ = [
+    "ANY_FRAUD",
+    "EVIDENCE_SCHEMA",
+    "LABEL_SCHEMA",
+    "REPORT_COLUMNS",
+    "definition_labels",
+    "definition_spans",
+    "format_ratio",
+    "load_report",
+    "main",
+    "quality_report",
+    "report_records",
+    "rule_spans",
+]
+
 log = logging.getLogger(__name__)
 
 PROG = "python -m spark_job.quality"

@@ -10,6 +10,49 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Final, NotRequired, TypedDict
 
+__all__ = [
+    "ALERTS_DATASET",
+    "ALERT_FIELDS",
+    "DLQ_DATASET",
+    "DLQ_FIELDS",
+    "DUPLICATE_KEY",
+    "EMPTY_VALUE",
+    "FUTURE_TIMESTAMP",
+    "HIGH_VALUE",
+    "INVALID_AMOUNT",
+    "INVALID_JSON",
+    "INVALID_PAYMENT_METHOD",
+    "INVALID_TIMESTAMP",
+    "INVALID_UTF8",
+    "METRICS_FILE_NAME",
+    "METRICS_FOLDER",
+    "MISSING_FIELD",
+    "MULTI_LOCATION",
+    "NOT_AN_OBJECT",
+    "OPTIONAL_FIELDS",
+    "PAYMENT_METHODS",
+    "PAYPAL",
+    "PAYPAL_MICRO",
+    "REASON_CODES",
+    "REQUIRED_FIELDS",
+    "RULES",
+    "RULE_CHANGES_DATASET",
+    "TRANSACTIONS_DATASET",
+    "TRANSACTION_FIELDS",
+    "UNKNOWN_FIELD",
+    "VALUE_TOO_LARGE",
+    "VELOCITY",
+    "WRONG_TYPE",
+    "BatchMetrics",
+    "Transaction",
+    "alert_id",
+    "format_timestamp",
+    "latency_histogram",
+    "parse_timestamp",
+    "to_json_ready",
+    "utc_now",
+]
+
 # --- transactions ----------------------------------------------------------------------------
 
 PAYMENT_METHODS: Final = ("card", "PayPal", "apple_pay", "bank_transfer")
@@ -93,7 +136,7 @@ def alert_id(rule: str, user_id: str, transaction_ids: Iterable[str]) -> str:
 
 # --- dead-letter records ----------------------------------------------------------------------
 
-# Reason codes for bad input (SPEC.md "bad input"), one per class.
+# Reason codes for bad input (docs/contract.md, "Bad input"), one per class.
 EMPTY_VALUE: Final = "empty_value"
 VALUE_TOO_LARGE: Final = "value_too_large"
 INVALID_UTF8: Final = "invalid_utf8"
@@ -133,7 +176,7 @@ DLQ_FIELDS: Final = tuple(DeadLetter.__annotations__)
 
 
 def format_timestamp(moment: datetime) -> str:
-    """ISO-8601 UTC with milliseconds and a ``Z`` suffix, as in SPEC.md."""
+    """ISO-8601 UTC with milliseconds and a ``Z`` suffix, as in docs/contract.md."""
     if moment.tzinfo is None:
         raise ValueError("event time must carry a timezone")
     utc = moment.astimezone(UTC)

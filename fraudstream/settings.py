@@ -38,6 +38,26 @@ from fraudstream.features import HISTORY_SECONDS
 from fraudstream.rules import KINDS, MICROS, RuleDefinition, default_definitions
 from fraudstream.storage import REMOTE_SCHEMES, RemotePath, StoragePath, storage_path
 
+__all__ = [
+    "ALL_SETTINGS",
+    "CONFIG_ENV",
+    "VERDICTS_URL_DEFAULT",
+    "BaseSettings",
+    "BrokerSettings",
+    "ConsumerSettings",
+    "DashboardSettings",
+    "DetectorSettings",
+    "KafkaSettings",
+    "ProducerSettings",
+    "RulesSettings",
+    "SettingsError",
+    "TrainSettings",
+    "build_parser",
+    "env_names",
+    "load_settings",
+    "run_entry_point",
+]
+
 CONFIG_ENV = "FRAUDSTREAM_CONFIG"
 KAFKA_SECTION = "kafka"
 

@@ -1,9 +1,22 @@
-"""Topic names of the external contract (../shared/SPEC.md) and their creation specs."""
+"""Topic names of the external contract (docs/contract.md) and their creation specs."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+__all__ = [
+    "ALERTS",
+    "DEFAULT_TRANSACTIONS_PARTITIONS",
+    "DLQ",
+    "RULES",
+    "TRANSACTIONS",
+    "VERDICTS",
+    "TopicSpec",
+    "default_topic_specs",
+    "rules_topic_spec",
+    "valid_topic_name",
+]
 
 TRANSACTIONS = "transactions"
 ALERTS = "fraud-alerts"

@@ -32,6 +32,12 @@ from producer.generator import (
     users_needed,
 )
 
+__all__ = [
+    "PRODUCER_DEFAULTS",
+    "producer_config",
+    "run",
+]
+
 log = logging.getLogger("producer")
 
 #: Records produced per pacing step; large enough to amortise the loop, small enough to keep

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from fraudstream.logs import setup_logging
 from fraudstream.settings import ProducerSettings, load_settings, run_entry_point
 
+__all__ = ["main"]
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     def run() -> int:

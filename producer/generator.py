@@ -64,6 +64,36 @@ from fraudstream.schemas import (
     format_timestamp,
 )
 
+__all__ = [
+    "CITIES",
+    "CITY_COUNTRY",
+    "CITY_UTC_OFFSET",
+    "CURRENCY_BY_COUNTRY",
+    "DEFAULT_SCENARIO_RATES",
+    "EVADING",
+    "HARD_NEGATIVES",
+    "HIGH_VALUE_AMOUNT",
+    "IMITATES",
+    "ISOLATION_MS",
+    "LEGIT_NIGHT_SHIFT",
+    "MULTI_LOCATION_WINDOW_MS",
+    "NORMAL_MIN_GAP_MS",
+    "NO_SCENARIOS",
+    "PAYPAL_MICRO_AMOUNT",
+    "PAYPAL_MICRO_COUNT",
+    "PAYPAL_MICRO_WINDOW_MS",
+    "SCENARIOS",
+    "TRIP_RATES",
+    "VELOCITY_COUNT",
+    "VELOCITY_WINDOW_MS",
+    "TransactionGenerator",
+    "encode_transaction",
+    "iter_replay",
+    "scenario_rates",
+    "to_ms",
+    "users_needed",
+]
+
 # --- places -------------------------------------------------------------------------------------
 
 #: City -> (latitude, longitude). The dashboard map imports this table.

@@ -46,6 +46,15 @@ from spark_job.sinks import (
     RecordSink,
 )
 
+__all__ = [
+    "Detector",
+    "check_checkpoint",
+    "explain_failure",
+    "publish_default_rules",
+    "run",
+    "source_options",
+]
+
 log = logging.getLogger(__name__)
 
 QUERY_NAME = "fraud-detector"

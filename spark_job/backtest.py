@@ -12,7 +12,7 @@
    and rule engine as the live detector, in Spark batch mode.
 4. Writes the alerts it raised to ``OUT`` (``OUT/part-0.parquet``, the alert fields).
 5. Reports per rule: alerts, precision and recall against the generator's labels (the
-   evaluation of ``spark_job.quality``), precision against analysts' verdicts where there are
+   evaluation of ``fraudstream.quality``), precision against analysts' verdicts where there are
    any, and the alerts added and removed compared with what the live detector wrote to
    ``DIR/alerts/`` for the same event-time range; with the time taken and rows per second.
 
@@ -51,6 +51,14 @@ from fraudstream import datasets
 from fraudstream.datasets import ALERTS_SCHEMA, RULE_CHANGES_SCHEMA, read_dataset
 from fraudstream.logs import setup_logging
 from fraudstream.model import newest_model
+from fraudstream.quality import (
+    ANY_FRAUD,
+    REPORT_COLUMNS,
+    definition_spans,
+    format_ratio,
+    quality_report,
+    report_records,
+)
 from fraudstream.rules.definition import DefinitionError, RuleDefinition, definition_from_dict
 from fraudstream.rules.ruleset import RuleSet, rules_in_force
 from fraudstream.schemas import (
@@ -67,14 +75,6 @@ from fraudstream.settings import (
     DetectorSettings,
     load_settings,
     run_entry_point,
-)
-from spark_job.quality import (
-    ANY_FRAUD,
-    REPORT_COLUMNS,
-    definition_spans,
-    format_ratio,
-    quality_report,
-    report_records,
 )
 
 PROG: Final = "python -m spark_job.backtest"
@@ -449,6 +449,7 @@ def run_rules(spark: Any, history: pa.Table, ruleset: RuleSet, settings: Detecto
 
     from spark_job.detection_input import DETECTION_INPUT_SCHEMA
     from spark_job.plan import ALERT_COLUMNS, KIND_ALERT, build_detection_plan
+    from spark_job.session import session_conf
 
     # The bucket keys are spread over the session's shuffle partitions: use its real value
     # (a session that already existed keeps its own).
@@ -463,26 +464,10 @@ def run_rules(spark: Any, history: pa.Table, ruleset: RuleSet, settings: Detecto
     alerts = plan.where(F.col("kind") == KIND_ALERT).select(*ALERT_COLUMNS)
     # Adaptive execution would merge the small shuffle partitions into one task, leaving a
     # core idle: keep the buckets spread over every partition as the live detector does.
-    with _session_conf(spark, {"spark.sql.adaptive.enabled": "false"}), \
+    with session_conf(spark, {"spark.sql.adaptive.enabled": "false"}), \
             progress.spark_jobs(spark, "running rules"):
         table = alerts.toArrow()
     return alert_table(table)
-
-
-@contextlib.contextmanager
-def _session_conf(spark: Any, values: Mapping[str, str]) -> Iterator[None]:
-    """Runtime SQL settings for the block, restored afterwards (the session may be shared)."""
-    before = {key: spark.conf.get(key, None) for key in values}
-    for key, value in values.items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
 
 
 def alert_table(rows: pa.Table) -> pa.Table:
@@ -515,15 +500,6 @@ class VerdictLookup:
                 "alerts_with_verdicts": len(self.verdicts), "by_verdict": dict(counts)}
 
 
-def _sqlite_path(url: str) -> Path | None:
-    """The file of a ``sqlite://`` URL (also in URI form); None for other databases."""
-    scheme, _, rest = url.strip().partition("://")
-    if scheme.split("+")[0].lower() != "sqlite":
-        return None
-    database = rest.removeprefix("/").split("?", 1)[0]
-    return Path(database.removeprefix("file:"))
-
-
 def load_verdicts(url: str, alert_ids: Iterable[str]) -> VerdictLookup:
     """The verdict in force on each of ``alert_ids`` that has one. A SQLite file that does not
     exist means no verdicts (it is not created); a database that cannot be read is reported,
@@ -532,6 +508,7 @@ def load_verdicts(url: str, alert_ids: Iterable[str]) -> VerdictLookup:
     from fraudstream.verdicts.store import (
         VerdictStore,
         VerdictStoreError,
+        sqlite_file,
         store_url_for_display,
     )
 
@@ -540,10 +517,10 @@ def load_verdicts(url: str, alert_ids: Iterable[str]) -> VerdictLookup:
         check_store_url(url)
     except ValueError as exc:
         raise BacktestError(f"--verdicts-url: {exc}") from None
-    sqlite_file = _sqlite_path(url)
-    if sqlite_file is not None and not sqlite_file.is_file():
+    database_file = sqlite_file(url)
+    if database_file is not None and not database_file.is_file():
         return VerdictLookup(shown, status="no database",
-                             detail=f"{sqlite_file} does not exist: no verdicts")
+                             detail=f"{database_file} does not exist: no verdicts")
     ids = list(alert_ids)
     try:
         with VerdictStore(url) as store:
@@ -602,7 +579,7 @@ def build_report(*, definitions: Sequence[RuleDefinition], history: pa.Table,
     labels = {r: label_of(r, known.get(r), patterns) for r in rule_ids}
     spans = definition_spans(known.values())
     as_of = pc.max(history["event_time"]).as_py()
-    # One evaluation (spark_job.quality) for both sides, on the same labelled episodes.
+    # One evaluation (fraudstream.quality) for both sides, on the same labelled episodes.
     backtest_quality = quality_report(transactions, _frame(alerts), spans, as_of,
                                       rules=rule_ids, labels=labels)
     live_quality = quality_report(transactions, _frame(live), spans, as_of,

@@ -28,6 +28,13 @@ from spark_job.plan import KIND_ALERT, KIND_ARCHIVE, KIND_RULE, KIND_STATS, RULE
 from spark_job.sinks import ParquetBatchSink, RecordSink, write_all
 from spark_job.validation import TRANSACTION_ROW_SCHEMA
 
+__all__ = [
+    "BatchOutcome",
+    "BatchProcessor",
+    "DetectorOutputs",
+    "percentile",
+]
+
 log = logging.getLogger(__name__)
 
 BRONZE_ARROW_SCHEMA = datasets.TRANSACTIONS_SCHEMA
@@ -186,7 +193,7 @@ def _log_change(change: dict[str, Any]) -> None:
 
 
 def _kafka_dlq_record(record: dict[str, Any]) -> dict[str, Any]:
-    """DLQ record with both the Parquet columns and the SPEC's DLQ JSON fields."""
+    """DLQ record with both the Parquet columns and the contract's DLQ JSON fields."""
     return {
         **record,
         "reason": record["error_reason"],

@@ -8,6 +8,8 @@ import sys
 from fraudstream.logs import setup_logging
 from fraudstream.settings import DetectorSettings, load_settings, run_entry_point
 
+__all__ = ["main"]
+
 
 def main(argv: list[str] | None = None) -> None:
     def run() -> int:

@@ -67,6 +67,19 @@ from fraudstream.schemas import (
 )
 from fraudstream.settings import DetectorSettings, load_settings, run_entry_point
 
+__all__ = [
+    "LOCK_FILE",
+    "PAUSE_ENV",
+    "PAUSE_STEPS",
+    "CompactionBusy",
+    "CompactionError",
+    "compact",
+    "main",
+    "plan",
+    "scan",
+    "write_run",
+]
+
 PROG: Final = "python -m spark_job.compact"
 DATASETS: Final = (ALERTS_DATASET, TRANSACTIONS_DATASET, DLQ_DATASET, RULE_CHANGES_DATASET)
 DEFAULT_MIN_AGE_MINUTES: Final = 60.0

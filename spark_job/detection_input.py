@@ -46,6 +46,22 @@ from spark_job.validation import (
     ValidationLimits,
 )
 
+__all__ = [
+    "ARCHIVE",
+    "DETECTION_INPUT_ARROW_SCHEMA",
+    "DETECTION_INPUT_DECODER",
+    "DETECTION_INPUT_SCHEMA",
+    "RULE_COLUMNS",
+    "RULE_RECORD",
+    "RULE_RECORD_DECODER",
+    "archive_bytes",
+    "detection_input_decoder",
+    "pack",
+    "read_rule_record",
+    "rule_record_text",
+    "unpack",
+]
+
 #: The transaction columns the rules and the model's features read.
 RULE_COLUMNS: Final = ("user_id", "transaction_id", EVENT_TIME, "amount", "location",
                        "payment_method", KAFKA_TIMESTAMP, "merchant_id", "device_ip")

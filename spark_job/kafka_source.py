@@ -66,6 +66,25 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+__all__ = [
+    "FORMAT_NAME",
+    "KafkaDataSource",
+    "KafkaPartition",
+    "KafkaSourceError",
+    "KafkaStreamReader",
+    "OffsetProber",
+    "RawBatch",
+    "RawDecoder",
+    "SourceOptions",
+    "arrow_schema",
+    "limit_offsets",
+    "load_decoder",
+    "parse_offset_spec",
+    "plan_partitions",
+    "read_partition_range",
+    "source_options",
+]
+
 log = logging.getLogger(__name__)
 
 FORMAT_NAME: Final = "fraudstream-kafka"

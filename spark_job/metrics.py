@@ -27,6 +27,15 @@ from fraudstream import schemas
 from fraudstream.model import ModelSource
 from spark_job.batch import BatchOutcome, BatchProcessor, percentile
 
+__all__ = [
+    "METRICS_BACKUPS",
+    "METRICS_MAX_BYTES",
+    "MetricsListener",
+    "append_line",
+    "rotate",
+    "rotated_path",
+]
+
 log = logging.getLogger(__name__)
 
 #: The metrics file is rotated before a line would make it larger than this.

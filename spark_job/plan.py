@@ -45,14 +45,29 @@ from fraudstream.rules import MICROS, BucketState, RuleAlert, RuleChange, RuleSe
 from spark_job.detection_input import ARCHIVE, RULE_RECORD, read_rule_record
 from spark_job.validation import EVENT_TIME
 
+__all__ = [
+    "ALERT_COLUMNS",
+    "KIND_ALERT",
+    "KIND_ARCHIVE",
+    "KIND_RULE",
+    "KIND_STATS",
+    "OUTPUT_COLUMNS",
+    "OUTPUT_DDL",
+    "RULE_CHANGE",
+    "BucketStep",
+    "archive_frame",
+    "balanced_bucket_keys",
+    "build_detection_plan",
+]
+
 KIND_ALERT = "alert"
 KIND_STATS = "stats"
 KIND_ARCHIVE = "archive"
 KIND_RULE = "rule"
 RULE_CHANGE = "rule_change"
 
-#: Alert columns as the stateful operator emits them (SPEC fields, ``user_id`` renamed to say
-#: whose alert it is, and when the trigger reached Kafka, for latency).
+#: Alert columns as the stateful operator emits them (the contract's fields, ``user_id``
+#: renamed to say whose alert it is, and when the trigger reached Kafka, for latency).
 ALERT_COLUMNS_DDL = (
     "alert_id string, rule string, rule_version long, alert_user_id string, "
     "window_start timestamp, window_end timestamp, transaction_count long, total_amount double, "

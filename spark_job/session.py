@@ -8,13 +8,16 @@ of the ``fraudstream-kafka`` data source.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from pyspark.sql import SparkSession
 
 from spark_job.kafka_source import KafkaDataSource
+
+__all__ = ["build_spark_session", "session_conf"]
 
 #: Short names accepted for ``state_store_provider``; anything else is taken as a class name.
 STATE_STORE_PROVIDERS: dict[str, str] = {
@@ -97,3 +100,19 @@ def build_spark_session(
     spark.sparkContext.setLogLevel(log_level)
     spark.dataSource.register(KafkaDataSource)
     return spark
+
+
+@contextlib.contextmanager
+def session_conf(spark: SparkSession, values: Mapping[str, str]) -> Iterator[None]:
+    """Runtime SQL settings for the block, restored afterwards (the session may be shared)."""
+    before = {key: spark.conf.get(key, None) for key in values}
+    for key, value in values.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)

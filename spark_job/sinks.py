@@ -36,6 +36,17 @@ from fraudstream.datasets import PART_FILE, batch_folder
 from fraudstream.rules.kinds import ansi_colour
 from fraudstream.storage import StoragePath, filesystem, is_remote
 
+__all__ = [
+    "ALERT_ARROW_SCHEMA",
+    "DLQ_ARROW_SCHEMA",
+    "ConsoleAlertSink",
+    "KafkaJsonSink",
+    "ListSink",
+    "ParquetBatchSink",
+    "RecordSink",
+    "write_all",
+]
+
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]

@@ -41,6 +41,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from fraudstream.schemas import parse_timestamp
 from fraudstream.settings import DetectorSettings, load_settings, run_entry_point
 
+__all__ = [
+    "EPOCH_FILE",
+    "collect",
+    "format_line",
+    "main",
+]
+
 PROG = "python -m spark_job.status"
 EPOCH_FILE = "fraudstream-epoch.json"
 #: Metrics lines the input rate is computed from (the newest ones).

@@ -106,8 +106,6 @@ from spark_job.backtest import (
     BacktestError,
     Progress,
     TimeRange,
-    _session_conf,
-    _sqlite_path,
     live_definitions,
     parse_moment,
     read_history,
@@ -270,16 +268,16 @@ def verdict_labels(parquet_dir: Any, url: str) -> VerdictLabels:
     cannot be read fails the run (training without the analysts' corrections would silently
     learn what they corrected)."""
     from fraudstream.verdicts.model import check_store_url
-    from fraudstream.verdicts.store import VerdictStore, VerdictStoreError
+    from fraudstream.verdicts.store import VerdictStore, VerdictStoreError, sqlite_file
 
     try:
         check_store_url(url)
     except ValueError as exc:
         raise TrainError(f"VERDICTS_URL: {exc}") from None
-    sqlite_file = _sqlite_path(url)
-    if sqlite_file is not None and not sqlite_file.is_file():
+    database_file = sqlite_file(url)
+    if database_file is not None and not database_file.is_file():
         return VerdictLabels(status="no database",
-                             detail=f"{sqlite_file} does not exist: no verdicts")
+                             detail=f"{database_file} does not exist: no verdicts")
     try:
         with VerdictStore(url) as store:
             found = store.latest()
@@ -837,6 +835,8 @@ def _train_candidates(run: _Run, session: Any) -> None:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from spark_job.session import session_conf
+
     progress, options, split, timing = run.progress, run.options, run.split, run.timing
     progress.say(f"features: the detector's feature code over {run.history.num_rows:,} "
                  f"transactions ({FEATURE_BUCKETS} user buckets) ...")
@@ -846,7 +846,7 @@ def _train_candidates(run: _Run, session: Any) -> None:
     try:
         # Adaptive execution would merge the small shuffle partitions into one task, leaving
         # a core idle (as in the backtest).
-        with _session_conf(session, {"spark.sql.adaptive.enabled": "false"}):
+        with session_conf(session, {"spark.sql.adaptive.enabled": "false"}):
             feature_rows = features.count()
         timing["features_seconds"] = time.monotonic() - mark
         progress.say(f"features: {feature_rows:,} rows ({timing['features_seconds']:.1f} s)")

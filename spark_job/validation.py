@@ -1,4 +1,5 @@
-"""Validate and decode transaction records: SPEC.md's "bad input", one reason code per class.
+"""Validate and decode transaction records: the contract's "bad input" (docs/contract.md), one
+reason code per class.
 
 Runs inside the Kafka source (``decoder`` option = ``TRANSACTION_DECODER`` for plain decoded
 rows; the detector wraps it, see ``spark_job.detection_input``), so every record
@@ -7,7 +8,7 @@ leaves the source either typed (``error_reason`` null) or rejected with a reason
 carry no typed field at all; in particular ``event_time`` is null, so a record with a
 far-future timestamp can never move the watermark.
 
-Choices the SPEC leaves open, and why:
+Choices the contract leaves open, and why:
 - ``NaN``/``Infinity``/``-Infinity`` are not JSON (Python's parser accepts them by default):
   in ``amount`` they are ``invalid_amount``, anywhere else ``invalid_json``. A number too large
   for a double (``1e400``) is ``invalid_amount`` in ``amount`` and ``invalid_json`` in another
@@ -20,7 +21,7 @@ Choices the SPEC leaves open, and why:
   check uses the clock of the Python worker at read time, so whether a record counts as "future"
   depends on when it is read: a replayed batch read much later may accept a record it rejected
   the first time.
-- Fields outside the contract are ``unknown_field``: SPEC's issue list sends them to the DLQ
+- Fields outside the contract are ``unknown_field``: the contract sends them to the DLQ
   rather than silently dropping data a producer thought it was sending.
 """
 
@@ -70,6 +71,22 @@ from fraudstream.schemas import (
 )
 from fraudstream.settings import DetectorSettings
 from spark_job.kafka_source import RawBatch, arrow_schema
+
+__all__ = [
+    "ERROR_COLUMNS",
+    "ERROR_REASON",
+    "EVENT_TIME",
+    "KAFKA_TIMESTAMP",
+    "TRANSACTION_DECODER",
+    "TRANSACTION_ROW_SCHEMA",
+    "TRANSACTION_SPARK_SCHEMA",
+    "TYPED_COLUMNS",
+    "TransactionDecoder",
+    "ValidationLimits",
+    "classify",
+    "decode_transactions",
+    "raw_text",
+]
 
 # --- JSON fields the checks single out (asserted to be in the contract below) -------------------
 

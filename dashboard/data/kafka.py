@@ -35,6 +35,15 @@ from confluent_kafka.admin import AdminClient
 from fraudstream.datasets import ALERTS_SCHEMA
 from fraudstream.schemas import parse_timestamp
 
+__all__ = [
+    "QUIET",
+    "AlertTail",
+    "TailStatus",
+    "decode_alert",
+    "last_messages",
+    "topics_view",
+]
+
 log = logging.getLogger(__name__)
 
 _TIMESTAMP_FIELDS = ("window_start", "window_end", "detected_at")

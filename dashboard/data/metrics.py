@@ -27,6 +27,12 @@ from typing import Any, BinaryIO
 
 import pandas as pd
 
+__all__ = [
+    "MetricsSnapshot",
+    "MetricsTail",
+    "model_status",
+]
+
 log = logging.getLogger(__name__)
 
 #: Numeric fields summed over every batch of the file.

@@ -25,7 +25,7 @@ import pandas as pd
 
 from dashboard.data.expiring import Expiring
 from fraudstream.model import METRICS_FILE, MODEL_FILE, model_versions
-from spark_job.quality import format_ratio
+from fraudstream.quality import format_ratio
 
 __all__ = [
     "COMPARISON_COLUMNS",

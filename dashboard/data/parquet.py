@@ -25,6 +25,12 @@ from fraudstream.datasets import (
 )
 from fraudstream.storage import StoragePath, storage_path
 
+__all__ = [
+    "DLQ_VIEW_SCHEMA",
+    "TRANSACTION_VIEW_SCHEMA",
+    "DatasetCache",
+]
+
 #: The transaction columns the dashboard keeps in memory (evidence, amounts, quality).
 TRANSACTION_VIEW_SCHEMA = pa.schema([
     TRANSACTIONS_SCHEMA.field(name) for name in (

@@ -26,6 +26,7 @@ from dashboard.data.verdicts import VerdictDesk, VerdictsSnapshot
 from dashboard.data.verdicts import analyst_precision as _analyst_precision
 from dashboard.data.views import count_by_rule, merge_alerts
 from fraudstream.datasets import ALERTS_SCHEMA, RULE_CHANGES_SCHEMA
+from fraudstream.quality import REPORT_COLUMNS, definition_labels, quality_report
 from fraudstream.rules.ruleset import rules_in_force
 from fraudstream.schemas import (
     ALERTS_DATASET,
@@ -36,7 +37,26 @@ from fraudstream.schemas import (
     utc_now,
 )
 from fraudstream.settings import DashboardSettings
-from spark_job.quality import REPORT_COLUMNS, definition_labels, quality_report
+
+__all__ = [
+    "ANALYST_KEY",
+    "DashboardContext",
+    "alert_history",
+    "alert_is_known",
+    "analyst",
+    "analyst_precision",
+    "dlq_rows",
+    "get_context",
+    "live_alerts",
+    "metrics",
+    "models",
+    "quality",
+    "quality_over_time",
+    "rules",
+    "set_context",
+    "transactions",
+    "verdicts",
+]
 
 _CONTEXT_KEY = "fraudstream.dashboard.context"
 #: Session-state key of the analyst's name (the sidebar input); recorded on every rule change

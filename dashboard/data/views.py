@@ -16,6 +16,30 @@ import pyarrow.compute as pc
 from dashboard import geo
 from fraudstream.schemas import ALERT_FIELDS, format_timestamp
 
+__all__ = [
+    "NO_SCORES",
+    "SCORE_BINS",
+    "TIME_RANGES",
+    "Kpis",
+    "alert_label",
+    "alert_locations",
+    "alert_record",
+    "alert_table",
+    "alerts_over_time",
+    "amount_distribution",
+    "count_by_rule",
+    "evidence",
+    "evidence_ids",
+    "filter_alerts",
+    "kpis",
+    "latency_over_time",
+    "merge_alerts",
+    "risk_text",
+    "rule_version",
+    "score_distribution",
+    "top_users",
+]
+
 #: Time-range filter choices of the live page: label -> look-back (None = everything).
 TIME_RANGES: Mapping[str, timedelta | None] = {
     "All": None,

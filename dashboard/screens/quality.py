@@ -36,8 +36,8 @@ from dashboard.screens._charts import (
     plot_text,
 )
 from dashboard.screens._verdicts import read_only_banner
+from fraudstream.quality import format_ratio
 from fraudstream.rules.kinds import hex_colour
-from spark_job.quality import format_ratio
 
 context = resources.get_context()
 settings = context.settings

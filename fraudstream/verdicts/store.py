@@ -67,6 +67,7 @@ __all__ = [
     "RecordedVerdict",
     "VerdictStore",
     "VerdictStoreError",
+    "sqlite_file",
     "store_url_for_display",
 ]
 
@@ -132,6 +133,14 @@ def _sqlite_file(url: URL) -> Path:
     if url.query.get("uri") and database.startswith("file:"):
         database = database.removeprefix("file:").split("?", 1)[0]
     return Path(database)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a ``sqlite://`` store URL opens (readers check it exists before opening it, so
+    that looking creates no empty database); None for a server database. ``url`` must be valid
+    (``check_store_url``)."""
+    parsed = make_url(url.strip())
+    return _sqlite_file(parsed) if parsed.get_backend_name() == "sqlite" else None
 
 
 # --- schema -------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from fraudstream.datasets import (
     dataset_files,
 )
 from fraudstream.kafka import ensure_topics, wait_for_broker
+from fraudstream.quality import format_ratio, load_report
 from fraudstream.rules import MICROS, RuleDefinition, default_definitions
 from fraudstream.rules.definition import DEFAULTS_AUTHOR
 from fraudstream.rules.store import RulesTopic
@@ -62,7 +63,6 @@ from fraudstream.schemas import (
 from fraudstream.topics import ALERTS, VERDICTS, TopicSpec
 from fraudstream.verdicts.model import make_verdict
 from fraudstream.verdicts.store import RecordedVerdict, VerdictStore
-from spark_job.quality import format_ratio, load_report
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 NOW = datetime.now(UTC).replace(microsecond=0)

@@ -2,7 +2,7 @@
 their documented rate (``TRIP_RATES``) and no other, night shifts trip nothing, evading fraud
 never trips its rule, the labels say which is which, a rate of 0 switches a scenario off, the
 stream stays deterministic, and the default mix makes every rule's precision and recall fall
-below 1 as measured by ``spark_job.quality.quality_report`` over the oracle's alerts.
+below 1 as measured by ``fraudstream.quality.quality_report`` over the oracle's alerts.
 
 Trip rates are measured with one scenario alone at a high rate (8 % of events) on a slow
 simulated clock (5 tx/s, so the long scenarios fit in the stream), which gives hundreds of
@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import pytest
 
+from fraudstream.quality import quality_report, rule_spans
 from fraudstream.rules.oracle import expected_alerts
 from fraudstream.schemas import RULES, Transaction, parse_timestamp
 from fraudstream.settings import DetectorSettings, ProducerSettings, SettingsError, load_settings
@@ -40,7 +41,6 @@ from producer.generator import (
     to_ms,
     users_needed,
 )
-from spark_job.quality import quality_report, rule_spans
 
 #: 10:00 UTC is 02:00-05:00 in the US cities: night shifts can start there.
 START = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)

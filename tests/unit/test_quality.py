@@ -1,4 +1,4 @@
-"""Precision/recall per rule against the producer's labels (spark_job.quality), and its CLI over
+"""Precision/recall per rule against the producer's labels (fraudstream.quality), and its CLI over
 a Parquet history written the way the detector writes it."""
 
 from __future__ import annotations
@@ -14,6 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from fraudstream.datasets import dataset_files, read_dataset
+from fraudstream.quality import (
+    EVIDENCE_SCHEMA,
+    LABEL_SCHEMA,
+    REPORT_COLUMNS,
+    format_ratio,
+    load_report,
+    main,
+    quality_report,
+    report_records,
+    rule_spans,
+)
 from fraudstream.schemas import (
     ALERTS_DATASET,
     HIGH_VALUE,
@@ -25,17 +36,6 @@ from fraudstream.schemas import (
     alert_id,
 )
 from fraudstream.settings import DetectorSettings, load_settings
-from spark_job.quality import (
-    EVIDENCE_SCHEMA,
-    LABEL_SCHEMA,
-    REPORT_COLUMNS,
-    format_ratio,
-    load_report,
-    main,
-    quality_report,
-    report_records,
-    rule_spans,
-)
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 SPANS = {VELOCITY: 60.0, MULTI_LOCATION: 120.0, PAYPAL_MICRO: 240.0}
@@ -251,8 +251,8 @@ def test_cli_rejects_a_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_an_ml_score_rule_is_judged_against_fraud_of_any_scenario() -> None:
+    from fraudstream.quality import ANY_FRAUD, definition_labels
     from fraudstream.rules import definition_from_dict
-    from spark_job.quality import ANY_FRAUD, definition_labels
 
     model_rule = definition_from_dict({
         "rule_id": "model_90", "kind": "ml_score", "version": 1, "enabled": True,
