@@ -25,6 +25,7 @@ here: the page keeps the run in its session.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -48,8 +49,8 @@ import pyarrow.parquet as pq
 
 from dashboard.cli import ARGS_ENV
 from fraudstream.datasets import ALERTS_SCHEMA
+from fraudstream.quality import format_ratio
 from fraudstream.rules.ruleset import RuleSet
-from spark_job.quality import format_ratio
 
 __all__ = [
     "CHANGE_COLUMNS",
@@ -58,6 +59,7 @@ __all__ = [
     "BacktestResult",
     "BacktestRun",
     "Candidate",
+    "SparkUnavailable",
     "candidate_rules",
     "changed_alerts",
     "history_range",
@@ -86,6 +88,17 @@ CHANGE_COLUMNS: Final = ("change", "alert_id", "rule", "rule_version", "risk_sco
                          "locations", "reason", "transaction_ids", "score_reasons",
                          "detected_at")
 _TAIL_BYTES: Final = 64 * 1024
+
+
+class SparkUnavailable(OSError):
+    """This Python has no pyspark (the app image leaves it out), so it cannot run a backtest."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"this dashboard's Python ({sys.executable}) has no pyspark (the app image leaves it "
+            f"out). A backtest runs Spark: run python -m {MODULE} where the detector runs "
+            f"(Docker: docker compose run --rm trainer python -m {MODULE} ...), or install the "
+            "project with pip install -e . and Java 17 here")
 
 
 # --- what is backtested -------------------------------------------------------------------------
@@ -320,7 +333,10 @@ def start_backtest(candidate: Candidate, ruleset: RuleSet, *, place: str, hours:
     """Start ``python -m spark_job.backtest`` on the candidate and the other rules in force over
     the last ``hours`` of ``event_times`` (the stored history's); returns at once.
 
-    Without history the range is left open and the backtest says there is nothing to replay."""
+    Without history the range is left open and the backtest says there is nothing to replay.
+    Raises :class:`SparkUnavailable` at once when this Python cannot run it."""
+    if importlib.util.find_spec("pyspark") is None:
+        raise SparkUnavailable
     folder = Path(tempfile.mkdtemp(prefix="fraudstream-backtest-"))
     run_range = history_range(event_times, hours)
     start, end = run_range if run_range else (None, None)

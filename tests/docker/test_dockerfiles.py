@@ -177,21 +177,37 @@ def test_dependencies_are_installed_before_the_source_is_copied() -> None:
     for target in TARGETS:
         instructions = stages()[target].instructions
         venv = next(i for i, (k, v) in enumerate(instructions)
-                    if k == "COPY" and v.startswith("--from=deps"))
+                    if k == "COPY" and v.startswith(("--from=deps ", "--from=spark-deps ")))
         first_source = next(i for i, (k, v) in enumerate(instructions)
                             if k == "COPY" and copy_args(v)[1][0].rstrip("/") in project_packages())
         assert venv < first_source, f"{target}: source copied before the dependency layer"
 
 
-def test_requirements_one_liner_reproduces_the_pyproject_dependencies(tmp_path: Path) -> None:
-    run = next(v for v in stages()["deps"].of("RUN") if "tomllib" in v)
-    assert "> requirements.txt" in run
+def test_requirements_one_liner_splits_the_pyproject_dependencies(tmp_path: Path) -> None:
+    """requirements.txt holds every dependency but pyspark, spark-requirements.txt pyspark: the
+    two together are exactly pyproject's list (``pip install .`` stays the full install)."""
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     (tmp_path / "pyproject.toml").write_bytes((REPO / "pyproject.toml").read_bytes())
+    run = next(v for v in stages()["deps"].of("RUN") if "tomllib" in v)
     result = subprocess.run(["sh", "-c", run], cwd=tmp_path, capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert (tmp_path / "requirements.txt").read_text().splitlines() == expected
+    app = (tmp_path / "requirements.txt").read_text().splitlines()
+    spark = (tmp_path / "spark-requirements.txt").read_text().splitlines()
+    assert [d for d in dependencies if d in spark] == spark == ["pyspark==4.3.0"]
+    assert app == [d for d in dependencies if d not in spark]
+
+
+def test_only_the_spark_image_gets_pyspark() -> None:
+    """The app image (producer, consumer, dashboard) takes its virtualenv from the stage that
+    installs requirements.txt; pyspark comes in a later stage only the spark image uses."""
+    assert "spark-requirements" not in " ".join(
+        v for v in stages()["deps"].of("RUN") if "pip install" in v)
+    assert stages()["spark-deps"].parent == "deps"
+    assert "pip install -r spark-requirements.txt" in " ".join(stages()["spark-deps"].of("RUN"))
+    venvs = {target: [v.split()[0] for v in stages()[target].of("COPY") if "/opt/venv" in v]
+             for target in TARGETS}
+    assert venvs == {"app": ["--from=deps"], "spark": ["--from=spark-deps"]}
 
 
 def test_dockerignore_keeps_local_state_and_tests_out() -> None:
