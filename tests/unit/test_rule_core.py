@@ -241,7 +241,7 @@ def test_velocity_span_is_inclusive_at_both_ends() -> None:
     assert fired(run(one_batch(tx(0), tx(20), tx(40), tx(65)))) == []  # 4 spanning 65 s
     driver = run(one_batch(tx(0), tx(20), tx(40), tx(60)))
     assert fired(driver) == [schemas.VELOCITY]
-    assert driver.alerts[0].reason == "4 transactions within 60 s (limit 3)"  # SPEC's wording
+    assert driver.alerts[0].reason == "4 transactions within 60 s (limit 3)"  # contract wording
 
 
 def test_fractional_window_boundary_is_exact_to_the_microsecond() -> None:
@@ -1110,7 +1110,7 @@ def test_default_definitions_are_each_kinds_defaults() -> None:
         assert (rule.kind, rule.version, rule.enabled, rule.updated_by) == (
             rule.rule_id, 1, True, DEFAULTS_AUTHOR)
         assert dict(rule.params) == dict(KINDS[rule.kind].defaults)
-    # The SPEC's default numbers.
+    # The contract's default numbers.
     assert {d.rule_id: d.summary() for d in defaults} == {
         "high_value": "one transaction above 3500",
         "velocity": "more than 3 transactions within 60 s",
