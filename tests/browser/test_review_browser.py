@@ -148,6 +148,11 @@ def test_record_a_verdict_from_the_queue_and_find_it_after_a_restart(
 
         # The newest unreviewed alert is the one under review; decide it from the keyboard.
         choice = by_key(page, f"review.verdict.{newest['alert_id']}")
+        # The rerun the name caused may still show the previous drawing of the choice beside
+        # the new one: click once the page has settled on a single one.
+        wait_until(lambda: settled(page)
+                   and choice.get_by_text("fraud", exact=True).count() == 1,
+                   "the verdict choice drawn once")
         choice.get_by_text("fraud", exact=True).click()
         note = by_key(page, f"review.note.{newest['alert_id']}").locator("input")
         note.fill(NOTE)
