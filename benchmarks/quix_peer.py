@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "comparison": comparison, "notes": notes,
         "quix_latency_s": {f"{r['rate']:g}": r.get("latency_s") for r in theirs_lat},
     }
-    stamped, _ = report.finish(summary=summary, datasets=[d.describe() for d in datasets],
+    written = report.finish(summary=summary, datasets=[d.describe() for d in datasets],
                                runs=runs + ours_runs, latency_runs=theirs_lat + ours_lat_run)
     print(table(runs + ours_runs, comparison, theirs_tp, ours_tp))
     if theirs_lat:
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(latency_bench.table(theirs_lat + ours_lat_run))
     for note in notes:
         print(f"note: {note}")
-    print(f"results: {stamped}")
+    print(f"results: {written}")
     ok = summary["all_match_oracle"] and summary["all_exit_zero"] and all(
         "error" not in r for r in theirs_lat + ours_lat_run)
     return 0 if ok else 1
