@@ -8,12 +8,12 @@ disagree on what "the topic went quiet" or "the detector has stopped" means.
 A test or benchmark typically::
 
     with running_broker(work) as broker:
-        topics = fresh_topics(broker.bootstrap_servers, "demo")
+        topics = fresh_topics(broker.bootstrap_servers, "demo", rules=True)
         produce(broker.bootstrap_servers, topics.transactions, records)
-        process = start_process([sys.executable, "-m", "spark_job", ...], work / "detector.log")
-        wait_for(lambda: parquet_has_alerts(work), 120, "the first alert", alive=process_alive)
+        detector = start_process([sys.executable, "-m", "spark_job", "--available-now"],
+                                 work / "detector.log", child_env(topics.env()))
+        wait_for(lambda: detector.poll() is not None, 300, "the backfill to finish")
         alerts = read_json(broker.bootstrap_servers, topics.alerts)
-        stop_process(process)
 
 Reading a topic always goes from offset 0 with ``assign()`` (no group join, so no rebalance
 wait) until the expected count arrived or nothing new came for ``idle_seconds``: Tansu's end
