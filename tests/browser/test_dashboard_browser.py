@@ -39,7 +39,7 @@ from support.browser import (
     served_dashboard,
     settled,
     table_rows,
-    wait_until,
+    wait_on_page,
 )
 
 from fraudstream.broker import EmbeddedBroker, free_port
@@ -208,7 +208,7 @@ def open_live_page(page: Any, served: Served) -> None:
     """The live page, once the pipeline's alerts are in its table."""
     page.goto(served.url)
     expected = served.pipeline.users()
-    wait_until(lambda: expected <= column(page, "user"), "the pipeline's users in the table")
+    wait_on_page(lambda: expected <= column(page, "user"), "the pipeline's users in the table")
 
 
 # --- tests ----------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_live_table_lists_the_users_of_the_pipeline_alerts_and_draws_the_chart(
     # The "alerts over time" chart: plotly's SVG, with one bar trace per rule.
     page.locator(".js-plotly-plot .main-svg").first.wait_for()
     page.locator(".js-plotly-plot .barlayer .point path").first.wait_for(state="attached")
-    wait_until(lambda: page.locator(".js-plotly-plot .barlayer .trace.bars").count()
+    wait_on_page(lambda: page.locator(".js-plotly-plot .barlayer .trace.bars").count()
                == len(RULES), "a bar trace per rule")
     assert page.get_by_text("Kafka broker unreachable").count() == 0
 
@@ -239,7 +239,7 @@ def test_rule_and_user_filters_narrow_the_table(page: Any, served: Served) -> No
     page.get_by_role("option", name=HIGH_VALUE, exact=True).click()
     page.keyboard.press("Escape")
     high_value = [a for a in served.pipeline.alerts if a["rule"] == HIGH_VALUE]
-    wait_until(lambda: column(page, "rule") == {HIGH_VALUE}
+    wait_on_page(lambda: column(page, "rule") == {HIGH_VALUE}
                and matching_alerts(page) == len(high_value), "only high_value alerts")
     assert before is not None and len(high_value) < before
     assert column(page, "user") == {a["user_id"] for a in high_value}
@@ -249,7 +249,7 @@ def test_rule_and_user_filters_narrow_the_table(page: Any, served: Served) -> No
     box.fill(user)
     box.press("Enter")
     wanted = sum(a["user_id"] == user for a in high_value)
-    wait_until(lambda: column(page, "user") == {user} and matching_alerts(page) == wanted,
+    wait_on_page(lambda: column(page, "user") == {user} and matching_alerts(page) == wanted,
                f"only {user} in the table")
     assert len(table_rows(page)) == wanted < len(high_value)
 
@@ -267,7 +267,7 @@ def test_screenshot_of_the_live_page(page: Any, served: Served, tmp_path: Path) 
     top_rows(page)  # scrolls the table back to the newest alerts
     target = Path(os.environ.get("DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png")
     target.parent.mkdir(parents=True, exist_ok=True)
-    wait_until(lambda: settled(page), "a settled page")
+    wait_on_page(lambda: settled(page), "a settled page")
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000
 
@@ -286,7 +286,7 @@ def test_new_alert_reaches_the_page(page: Any, served: Served, capsys: pytest.Ca
                          value=json.dumps(alert))
         assert producer.flush(15) == 0
         started = time.monotonic()
-        wait_until(lambda user=alert["user_id"]: any(row.get("user") == user
+        wait_on_page(lambda user=alert["user_id"]: any(row.get("user") == user
                                                       for row in top_rows(page)),
                    f"{alert['user_id']} at the top of the alert table")
         seconds.append(time.monotonic() - started)
@@ -308,16 +308,16 @@ def test_new_alert_reaches_the_page(page: Any, served: Served, capsys: pytest.Ca
 
 def test_overview_draws_every_chart(page: Any, served: Served) -> None:
     page.goto(f"{served.url}/overview")
-    wait_until(lambda: page.locator(".js-plotly-plot .main-svg").count() >= 6, "six charts")
+    wait_on_page(lambda: page.locator(".js-plotly-plot .main-svg").count() >= 6, "six charts")
     assert page.locator(".js-plotly-plot .scattergeo").count() >= 1, "the map has points"
     dlq = page.locator('[data-testid="stMetric"]', has_text="DLQ rows") \
         .locator('[data-testid="stMetricValue"]')
-    wait_until(lambda: dlq.inner_text() == str(len(BAD_RECORDS)), "the DLQ count of the run")
+    wait_on_page(lambda: dlq.inner_text() == str(len(BAD_RECORDS)), "the DLQ count of the run")
 
 
 def test_topics_page_lists_the_three_topics(page: Any, served: Served) -> None:
     page.goto(served.url)
     page.get_by_role("link", name="Topics").click()
     topics = set(served.pipeline.topics.values())
-    wait_until(lambda: topics <= {row.get("topic") for row in table_rows(page)},
+    wait_on_page(lambda: topics <= {row.get("topic") for row in table_rows(page)},
                f"topics {topics} in the summary table")

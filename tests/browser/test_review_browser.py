@@ -32,7 +32,7 @@ from support.browser import (
     served_dashboard,
     settled,
     table_rows,
-    wait_until,
+    wait_on_page,
 )
 
 from fraudstream.broker import EmbeddedBroker, free_port
@@ -131,7 +131,7 @@ def test_record_a_verdict_from_the_queue_and_find_it_after_a_restart(
             new_page(browser) as page:
         page.goto(f"{url}/review")
         page.get_by_role("heading", name="Review queue").wait_for()
-        wait_until(lambda: {u: r["verdict"] for u, r in queue_rows(page).items()} ==
+        wait_on_page(lambda: {u: r["verdict"] for u, r in queue_rows(page).items()} ==
                    {a["user_id"]: "unreviewed" for a in alerts}, "three unreviewed alerts")
         # The risk score as 0.00, an empty cell where there is none; the reasons beside the
         # evidence of the alert under review.
@@ -150,7 +150,7 @@ def test_record_a_verdict_from_the_queue_and_find_it_after_a_restart(
         choice = by_key(page, f"review.verdict.{newest['alert_id']}")
         # The rerun the name caused may still show the previous drawing of the choice beside
         # the new one: click once the page has settled on a single one.
-        wait_until(lambda: settled(page)
+        wait_on_page(lambda: settled(page)
                    and choice.get_by_text("fraud", exact=True).count() == 1,
                    "the verdict choice drawn once")
         choice.get_by_text("fraud", exact=True).click()
@@ -160,7 +160,7 @@ def test_record_a_verdict_from_the_queue_and_find_it_after_a_restart(
         page.get_by_text("published it to").first.wait_for()
         # On to the next unreviewed alert.
         by_key(page, f"review.verdict.{second['alert_id']}").wait_for()
-        wait_until(lambda: queue_rows(page).get(newest["user_id"], {}).get("verdict") == "fraud",
+        wait_on_page(lambda: queue_rows(page).get(newest["user_id"], {}).get("verdict") == "fraud",
                    "the verdict in the queue table")
 
     with VerdictStore(verdicts_url) as store:
@@ -174,7 +174,7 @@ def test_record_a_verdict_from_the_queue_and_find_it_after_a_restart(
             new_page(browser) as page:
         page.goto(f"{url}/review")
         page.get_by_role("heading", name="Review queue").wait_for()
-        wait_until(lambda: queue_rows(page).get(newest["user_id"], {}).get("verdict") == "fraud",
+        wait_on_page(lambda: queue_rows(page).get(newest["user_id"], {}).get("verdict") == "fraud",
                    "the verdict in the queue table after the restart")
         row = queue_rows(page)[newest["user_id"]]
         assert row["analyst"] == ANALYST
@@ -189,7 +189,7 @@ def test_record_a_verdict_from_the_queue_and_find_it_after_a_restart(
 
         target = Path(os.environ.get("REVIEW_SCREENSHOT") or tmp_path / "review.png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        wait_until(lambda: settled(page), "a settled page")
+        wait_on_page(lambda: settled(page), "a settled page")
         page.screenshot(path=str(target), full_page=True)
         assert target.stat().st_size > 10_000
 

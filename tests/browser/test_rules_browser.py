@@ -34,7 +34,7 @@ from support.browser import (
     served_dashboard,
     settled,
     table_rows,
-    wait_until,
+    wait_on_page,
 )
 
 from fraudstream.broker import EmbeddedBroker, free_port
@@ -145,7 +145,7 @@ def table_with(page: Any, header: str) -> int:
             """header => [...document.querySelectorAll('[data-testid="stDataFrame"]')]
                    .findIndex(grid => [...grid.querySelectorAll('[role="columnheader"]')]
                        .some(cell => cell.textContent === header))""", header))
-    wait_until(lambda: index() >= 0, f"a table with a column {header!r} on the page")
+    wait_on_page(lambda: index() >= 0, f"a table with a column {header!r} on the page")
     return index()
 
 
@@ -170,7 +170,7 @@ def test_change_velocity_count_and_publish_version_2(
     page.goto(f"{served.url}/rules")
     page.get_by_role("textbox", name="Analyst").wait_for()
     page.get_by_role("heading", name="Rules in force").wait_for()
-    wait_until(lambda: versions(page) == {d.rule_id: "1" for d in default_definitions()},
+    wait_on_page(lambda: versions(page) == {d.rule_id: "1" for d in default_definitions()},
                "the four defaults at version 1 in the table")
     assert page.get_by_text("Enter your name as Analyst").count() == 1
 
@@ -188,7 +188,7 @@ def test_change_velocity_count_and_publish_version_2(
 
     publish_velocity(page, 1, "5", "60")
     page.get_by_text(f"Published {VELOCITY} version 2").wait_for()
-    wait_until(lambda: versions(page).get(VELOCITY) == "2", "velocity at version 2 in the table")
+    wait_on_page(lambda: versions(page).get(VELOCITY) == "2", "velocity at version 2 in the table")
     assert {rule: v for rule, v in versions(page).items() if rule != VELOCITY} == \
         {d.rule_id: "1" for d in default_definitions() if d.rule_id != VELOCITY}
 
@@ -200,7 +200,7 @@ def test_change_velocity_count_and_publish_version_2(
 
     target = Path(os.environ.get("RULES_SCREENSHOT") or tmp_path / "rules.png")
     target.parent.mkdir(parents=True, exist_ok=True)
-    wait_until(lambda: settled(page), "a settled page")
+    wait_on_page(lambda: settled(page), "a settled page")
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000
     with capsys.disabled():
@@ -224,7 +224,7 @@ def test_backtest_a_lower_high_value_threshold_then_publish_it(
     assert by_key(page, "rules.backtest.cancel").count() == 1
     page.get_by_text("Backtest of").wait_for(timeout=BACKTEST_TIMEOUT_MS)
     assert served.in_force()[HIGH_VALUE].version == version, "a backtest publishes nothing"
-    wait_until(lambda: settled(page), "a settled page")
+    wait_on_page(lambda: settled(page), "a settled page")
     rows = {row["rule"]: row for row in table_rows(page, table_with(page, "live alerts"))}
     assert set(rows) == {d.rule_id for d in default_definitions()}
     high = rows[HIGH_VALUE]
@@ -244,7 +244,7 @@ def test_backtest_a_lower_high_value_threshold_then_publish_it(
 
     target = Path(os.environ.get("BACKTEST_SCREENSHOT") or tmp_path / "backtest.png")
     target.parent.mkdir(parents=True, exist_ok=True)
-    wait_until(lambda: settled(page), "a settled page")
+    wait_on_page(lambda: settled(page), "a settled page")
     by_key(page, f"rules.rule.{HIGH_VALUE}").screenshot(path=str(target))
     assert target.stat().st_size > 10_000
     with capsys.disabled():
@@ -252,7 +252,7 @@ def test_backtest_a_lower_high_value_threshold_then_publish_it(
 
     by_key(page, "rules.backtest.publish").get_by_role("button").click()
     page.get_by_text(f"Published {HIGH_VALUE} version {version + 1}").wait_for()
-    wait_until(lambda: versions(page).get(HIGH_VALUE) == str(version + 1),
+    wait_on_page(lambda: versions(page).get(HIGH_VALUE) == str(version + 1),
                f"high_value at version {version + 1} in the table")
     published = served.in_force()[HIGH_VALUE]
     assert (published.version, published.updated_by) == (version + 1, ANALYST)

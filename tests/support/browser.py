@@ -122,7 +122,7 @@ def served_dashboard(env: Mapping[str, str], log_path: Path,
         end_process(process)
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+def wait_on_page(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
     """:func:`fraudstream.testing.wait_for` polling at a page's pace."""
     wait_for(condition, timeout, what, interval=0.05)
 
