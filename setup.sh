@@ -23,8 +23,10 @@ readonly LOCAL_ENV_FILE="$RUN_DIR/local.env"
 readonly INSTALL_STAMP="$RUN_DIR/install.stamp"
 readonly VENV_DIR=".venv"
 # Start order; stop runs it backwards. The trainer comes last: it needs no broker, and its first
-# round should not compete with the detector's start-up.
-readonly ALL_SERVICES="broker producer detector dashboard trainer"
+# round should not compete with the detector's start-up. The Spark standalone cluster (--cluster)
+# starts before the detector that joins it.
+readonly ALL_SERVICES="broker spark-master spark-worker-1 spark-worker-2 producer detector dashboard trainer"
+readonly CLUSTER_SERVICES="spark-master spark-worker-1 spark-worker-2"
 # Every compose profile, for the commands that must see all of the project's containers.
 readonly ALL_PROFILES=(--profile cluster --profile trainer)
 readonly BROKER_HOST=127.0.0.1
@@ -68,8 +70,11 @@ Mode (default: Docker when `docker info` succeeds and compose is installed, else
   --docker          Docker Compose: Kafka (KRaft), producer, Spark detector, consumer,
                     Streamlit dashboard on http://localhost:8501, Kafdrop on http://localhost:9000
   --local           plain processes: embedded broker, producer, detector, dashboard, trainer
-  --cluster         Docker mode only: also start the Spark standalone master and two workers
-                    and run the detector on them (profile `cluster`)
+  --cluster         also start a Spark standalone master and two workers (1 core, 1g each)
+                    and run the detector on them. Docker: profile `cluster`; local: from the
+                    installed pyspark (python -m spark_job.standalone), supervised like the
+                    other services, master on 127.0.0.1:$SPARK_MASTER_PORT (7077), its UI on
+                    :$SPARK_MASTER_WEBUI_PORT (8080). The trainer stays on local[2]
 
 Both modes:
   SETUP_TRAINER=1              1: also run the trainer service (local: a supervised
@@ -292,6 +297,7 @@ service_module() {
     detector) echo spark_job ;;
     dashboard) echo dashboard ;;
     trainer) echo spark_job.train ;;
+    spark-master | spark-worker-*) echo spark_job.standalone ;;
     *) return 1 ;;
   esac
 }
@@ -301,6 +307,7 @@ service_source() {
   case "$1" in
     broker) echo fraudstream/broker.py ;;
     trainer) echo spark_job/train.py ;;
+    spark-master | spark-worker-*) echo spark_job/standalone.py ;;
     *) echo "$(service_module "$1")/__main__.py" ;;
   esac
 }
@@ -313,6 +320,7 @@ normalize_service() {
     spark_job | spark-job) echo detector ;;
     train) echo trainer ;;
     broker | producer | detector | dashboard | trainer) echo "$1" ;;
+    spark-master | spark-worker-1 | spark-worker-2) echo "$1" ;;
     *) return 1 ;;
   esac
 }
@@ -616,6 +624,11 @@ supervise() {
   limit="${SETUP_RESTART_LIMIT:-5}"
   [[ "$limit" =~ ^[0-9]+$ ]] || limit=5
   cmd=("$PY" -m "$module")
+  case "$svc" in
+    spark-master) cmd+=(master) ;;
+    spark-worker-*) cmd+=(worker) ;;
+    detector) [[ -z "${SETUP_CLUSTER_MASTER:-}" ]] || export SPARK_MASTER="$SETUP_CLUSTER_MASTER" ;;
+  esac
   if [[ "$svc" == trainer ]]; then
     # At a lower CPU priority: on 2 cores the detector keeps up while a round runs.
     nice="$(trainer_nice 2>/dev/null || echo 10)"
@@ -888,9 +901,64 @@ selected_services() {
     if [[ "$svc" == trainer ]] && ! trainer_enabled; then
       continue
     fi
+    if [[ " $CLUSTER_SERVICES " == *" $svc "* ]]; then
+      # The cluster comes with --cluster, whole, whatever FRAUDSTREAM_SERVICES says.
+      ((CLUSTER)) && ordered="$ordered $svc"
+      continue
+    fi
     [[ " $out " == *" $svc "* ]] && ordered="$ordered $svc"
   done
   echo "$ordered" | xargs
+}
+
+# Whether the last local start ran the Spark standalone cluster (or this one asks for it).
+cluster_in_use() {
+  ((CLUSTER)) || [[ "$(local_env_value SPARK_CLUSTER)" == 1 ]] ||
+    [[ -f "$(pid_file spark-master)" || -f "$(supervisor_file spark-master)" ]]
+}
+
+# The services status and the summary show: the cluster's only when it is in use.
+shown_services() {
+  local svc out=""
+  for svc in $ALL_SERVICES; do
+    if [[ " $CLUSTER_SERVICES " == *" $svc "* ]] && ! cluster_in_use; then
+      continue
+    fi
+    out="$out $svc"
+  done
+  echo "$out" | xargs
+}
+
+# The cluster's settings (python -m spark_job.standalone reads the same names) and the master
+# URL the detector joins; recorded in run/local.env for status.
+cluster_env() {
+  export SPARK_CLUSTER_HOST=127.0.0.1
+  export SPARK_MASTER_PORT="${SPARK_MASTER_PORT:-7077}"
+  export SPARK_MASTER_WEBUI_PORT="${SPARK_MASTER_WEBUI_PORT:-8080}"
+  [[ "$SPARK_MASTER_PORT" =~ ^[0-9]+$ ]] ||
+    usage_error "SPARK_MASTER_PORT must be a number, got '$SPARK_MASTER_PORT'"
+  [[ "$SPARK_MASTER_WEBUI_PORT" =~ ^[0-9]+$ ]] ||
+    usage_error "SPARK_MASTER_WEBUI_PORT must be a number, got '$SPARK_MASTER_WEBUI_PORT'"
+  export SETUP_CLUSTER_MASTER="spark://$SPARK_CLUSTER_HOST:$SPARK_MASTER_PORT"
+}
+
+# Until the master counts both workers alive (the detector would otherwise wait for executors
+# with nothing but a warning).
+wait_for_cluster() {
+  local deadline=$((SECONDS + HEALTH_TIMEOUT)) out="" svc
+  info "waiting for the Spark master $SETUP_CLUSTER_MASTER to count 2 alive workers ..."
+  while ((SECONDS < deadline)); do
+    out="$("$PY" -m spark_job.standalone status 2>&1 || true)"
+    [[ "$out" == *": 2 alive worker"* ]] && return 0
+    for svc in $CLUSTER_SERVICES; do
+      service_up "$svc" || {
+        show_log_tail "$svc" >&2
+        die "$svc exited while the cluster was starting (log: $(log_file "$svc"))"
+      }
+    done
+    sleep 1
+  done
+  die "the Spark cluster did not come up within ${HEALTH_TIMEOUT}s: $out"
 }
 
 # A value the last start recorded in run/local.env (empty when it recorded none).
@@ -910,7 +978,7 @@ load_local_env() {
 start_local() {
   mkdir -p "$LOG_DIR" "$PID_DIR"
   echo local >"$MODE_FILE"
-  local services requested svc pid started="" java_checked=0
+  local services requested svc pid port started="" java_checked=0
   trainer_enabled || true # validates SETUP_TRAINER
   trainer_nice >/dev/null
   services="$(selected_services)"
@@ -949,6 +1017,9 @@ start_local() {
   # Model versions: the trainer writes them, the detector and the dashboard read them.
   export MODELS_DIR="${MODELS_DIR:-models}"
   export TRAIN_EVERY_HOURS="${TRAIN_EVERY_HOURS:-6}"
+  if ((CLUSTER)); then
+    cluster_env
+  fi
   # What status and train need to look at the same broker, interpreter and files.
   {
     printf 'BROKER_PORT=%s\nKAFKA_BOOTSTRAP_SERVERS=%s\nPYTHON=%s\n' "$BROKER_PORT" \
@@ -958,18 +1029,29 @@ start_local() {
       "$TRAIN_EVERY_HOURS" "${SETUP_TRAINER:-1}"
     [[ -z "${METRICS_FILE:-}" ]] || printf 'METRICS_FILE=%s\n' "$METRICS_FILE"
     [[ -z "${TRANSACTIONS_TOPIC:-}" ]] || printf 'TRANSACTIONS_TOPIC=%s\n' "$TRANSACTIONS_TOPIC"
+    if ((CLUSTER)); then
+      printf 'SPARK_CLUSTER=1\nSPARK_MASTER_PORT=%s\nSPARK_MASTER_WEBUI_PORT=%s\n' \
+        "$SPARK_MASTER_PORT" "$SPARK_MASTER_WEBUI_PORT"
+    fi
   } >"$LOCAL_ENV_FILE"
 
   # Checks that need nothing started yet, so a failure leaves nothing half-running.
   for svc in $services; do
     service_available "$svc" || continue
-    if [[ "$svc" == detector || "$svc" == trainer ]] && ! service_up "$svc" && ((!java_checked)); then
+    if [[ "$svc" == detector || "$svc" == trainer || "$svc" == spark-* ]] &&
+      ! service_up "$svc" && ((!java_checked)); then
       check_java
       java_checked=1
     fi
     if [[ "$svc" == broker ]] && ! service_up broker && port_open "$BROKER_HOST" "$BROKER_PORT"; then
       die "$BROKER_HOST:$BROKER_PORT is already in use by another program; stop it or choose \
 another port: BROKER_PORT=19092 ./setup.sh --local"
+    fi
+    if [[ "$svc" == spark-master ]] && ! service_up spark-master; then
+      for port in "$SPARK_MASTER_PORT" "$SPARK_MASTER_WEBUI_PORT"; do
+        port_open 127.0.0.1 "$port" && die "port $port (Spark master) is already in use; \
+choose others: SPARK_MASTER_PORT=17077 SPARK_MASTER_WEBUI_PORT=18080 ./setup.sh --local --cluster"
+      done
     fi
     if [[ "$svc" == dashboard ]] && ! service_up dashboard &&
       port_open 127.0.0.1 "$STREAMLIT_SERVER_PORT"; then
@@ -1006,6 +1088,9 @@ run ./reset.sh for a clean start"
     started="$started $svc:$(read_pid "$svc")"
     if [[ "$svc" == broker ]]; then
       wait_for_local_broker "$(read_pid broker)"
+    fi
+    if [[ "$svc" == spark-worker-2 ]]; then
+      wait_for_cluster
     fi
   done
 
@@ -1066,12 +1151,29 @@ trainer_finished() {
   done
 }
 
+# The Spark master's port (or, with WEBUI_, its UI's): this start's, else the last one's.
+cluster_port() {
+  local name="SPARK_MASTER_${1:-}PORT" default=7077 value
+  [[ -z "${1:-}" ]] || default=8080
+  value="${!name:-}"
+  [[ -n "$value" ]] || value="$(local_env_value "$name")"
+  echo "${value:-$default}"
+}
+
 describe_service() {
   local schedule
   case "$1" in
     broker) echo "$BROKER_HOST:$BROKER_PORT (embedded Tansu broker, topics in memory only)" ;;
     producer) echo "synthetic transactions -> Kafka topic 'transactions'" ;;
-    detector) echo "Spark rules -> topic 'fraud-alerts' and ${PARQUET_DIR:-parquet_data}/alerts/" ;;
+    detector)
+      if cluster_in_use; then
+        echo "Spark rules on spark://127.0.0.1:$(cluster_port) -> topic 'fraud-alerts' and ${PARQUET_DIR:-parquet_data}/alerts/"
+      else
+        echo "Spark rules -> topic 'fraud-alerts' and ${PARQUET_DIR:-parquet_data}/alerts/"
+      fi
+      ;;
+    spark-master) echo "spark://127.0.0.1:$(cluster_port), UI http://127.0.0.1:$(cluster_port WEBUI_)" ;;
+    spark-worker-*) echo "1 core and 1g for the detector's executors" ;;
     dashboard) echo "http://${STREAMLIT_SERVER_ADDRESS:-127.0.0.1}:${STREAMLIT_SERVER_PORT:-8501}" ;;
     trainer)
       schedule="every ${TRAIN_EVERY_HOURS:-6} h"
@@ -1084,7 +1186,7 @@ describe_service() {
 print_local_summary() {
   local svc pid state py_shown
   printf '\nfraudstream, local mode (logs: %s/<service>.log, PID files: %s/):\n' "$LOG_DIR" "$PID_DIR"
-  for svc in $ALL_SERVICES; do
+  for svc in $(shown_services); do
     if pid="$(service_pid "$svc")"; then
       state="running (pid $pid)"
     elif ! service_available "$svc"; then
@@ -1096,7 +1198,7 @@ print_local_summary() {
     else
       state="not started"
     fi
-    printf '  %-10s %-21s %s\n' "$svc" "$state" "$(describe_service "$svc")"
+    printf '  %-14s %-21s %s\n' "$svc" "$state" "$(describe_service "$svc")"
   done
   py_shown="$PY"
   [[ "$py_shown" == "$ROOT/"* ]] && py_shown="${py_shown#"$ROOT/"}"
@@ -1112,35 +1214,35 @@ status_local() {
   local svc pid state rc restarts limit delay
   load_local_env
   printf 'fraudstream local services (%s/):\n' "$RUN_DIR"
-  for svc in $ALL_SERVICES; do
+  for svc in $(shown_services); do
     state="$(read_state "$svc" || true)"
     if pid="$(service_pid "$svc")"; then
       restarts=""
       if [[ "$state" == running\ * ]]; then
         restarts=", restarts: ${state#running }"
       fi
-      printf '  %-10s running (pid %s, up %s%s)\n' "$svc" "$pid" "$(uptime_of "$pid")" "$restarts"
+      printf '  %-14s running (pid %s, up %s%s)\n' "$svc" "$pid" "$(uptime_of "$pid")" "$restarts"
     elif pid="$(supervisor_pid "$svc")"; then
       if [[ "$state" == restarting\ * ]]; then
         read -r _ rc restarts limit delay <<<"$state"
-        printf '  %-10s restarting (exited with code %s; restart %s of %s after %s s); last lines of %s:\n' \
+        printf '  %-14s restarting (exited with code %s; restart %s of %s after %s s); last lines of %s:\n' \
           "$svc" "$rc" "$restarts" "$limit" "$delay" "$(log_file "$svc")"
       else
-        printf '  %-10s restarting (supervisor pid %s); last lines of %s:\n' "$svc" "$pid" \
+        printf '  %-14s restarting (supervisor pid %s); last lines of %s:\n' "$svc" "$pid" \
           "$(log_file "$svc")"
       fi
       show_log_tail "$svc" 5
     elif state="$(read_state "$svc" || true)" && [[ "$state" == crashed\ * ]]; then
       read -r _ rc limit <<<"$state"
-      printf '  %-10s crashed (exited with code %s after %s restarts in a row); last lines of %s:\n' \
+      printf '  %-14s crashed (exited with code %s after %s restarts in a row); last lines of %s:\n' \
         "$svc" "$rc" "$limit" "$(log_file "$svc")"
       show_log_tail "$svc" 5
     elif [[ "$state" == exited\ * ]]; then
-      printf '  %-10s exited (code %s, not restarted); last lines of %s:\n' "$svc" \
+      printf '  %-14s exited (code %s, not restarted); last lines of %s:\n' "$svc" \
         "${state#exited }" "$(log_file "$svc")"
       show_log_tail "$svc" 5
     elif [[ -f "$(pid_file "$svc")" ]]; then
-      printf '  %-10s crashed (pid %s is gone, and its supervisor too); last lines of %s:\n' \
+      printf '  %-14s crashed (pid %s is gone, and its supervisor too); last lines of %s:\n' \
         "$svc" "$(read_pid "$svc" || echo '?')" "$(log_file "$svc")"
       show_log_tail "$svc" 5
     else
@@ -1150,7 +1252,7 @@ status_local() {
       elif [[ "$svc" == trainer && "$(local_env_value SETUP_TRAINER)" == 0 ]]; then
         state="stopped (SETUP_TRAINER=0; ./setup.sh train trains on demand)"
       fi
-      printf '  %-10s %s\n' "$svc" "$state"
+      printf '  %-14s %s\n' "$svc" "$state"
     fi
   done
   if port_open "$BROKER_HOST" "$BROKER_PORT"; then
@@ -1158,10 +1260,23 @@ status_local() {
   else
     printf 'Broker %s:%s is not reachable\n' "$BROKER_HOST" "$BROKER_PORT"
   fi
+  if cluster_in_use && service_up spark-master; then
+    cluster_status
+  fi
   model_line "$(models_dir)"
   if service_up detector; then
     detector_progress
   fi
+}
+
+# What the Spark master says about its workers (python -m spark_job.standalone status).
+cluster_status() {
+  local py
+  py="$(local_env_value PYTHON)"
+  [[ -n "$py" ]] || py="${FRAUDSTREAM_PYTHON:-$ROOT/$VENV_DIR/bin/python}"
+  [[ -x "$py" ]] || return 0
+  SPARK_MASTER_PORT="$(cluster_port)" SPARK_MASTER_WEBUI_PORT="$(cluster_port WEBUI_)" \
+    "$py" -m spark_job.standalone status 2>&1 || true
 }
 
 # MODELS_DIR: the caller's, else what the last start used, else models/.
@@ -1345,10 +1460,6 @@ while (($#)); do
   esac
   shift
 done
-
-if ((CLUSTER)) && [[ "$MODE" == local ]]; then
-  usage_error "--cluster needs Docker mode"
-fi
 
 # Which mode to act on: the flag; else (for status/stop/logs) the mode of the last start; else
 # Docker when an engine answers and compose exists; else local.

@@ -44,6 +44,7 @@ __all__ = [
     "VERDICTS_URL_DEFAULT",
     "BaseSettings",
     "BrokerSettings",
+    "ClusterSettings",
     "ConsumerSettings",
     "DashboardSettings",
     "DetectorSettings",
@@ -209,6 +210,15 @@ def _check_local_paths(settings: BaseSettings, *names: str) -> None:
                 reason = ("only local (or mounted network) paths and s3://bucket/prefix URLs "
                           "are supported")
             raise SettingsError(settings.field_key(name), f"{scheme}:// is a URL; {reason}")
+
+
+def _check_jvm_sizes(settings: BaseSettings, *names: str) -> None:
+    """Memory sizes handed to a JVM: refused at start-up, not by the JVM minutes later."""
+    for name in names:
+        value = getattr(settings, name)
+        if not re.fullmatch(r"[1-9][0-9]*[kmgt]?", value.strip().lower()):
+            raise SettingsError(settings.field_key(name),
+                                f"expected a JVM size like 1g or 1536m, got {value!r}")
 
 
 def default_metrics_file(parquet_dir: StoragePath) -> Path:
@@ -491,7 +501,8 @@ def run_entry_point(prog: str, main: Callable[[], int]) -> None:
 
 
 #: YAML sections, one per program. Each program module declares its own settings class.
-SECTIONS = ("producer", "detector", "consumer", "dashboard", "broker", "rules", "train")
+SECTIONS = ("producer", "detector", "consumer", "dashboard", "broker", "rules", "train",
+            "cluster")
 
 
 # --- one settings class per program ------------------------------------------------------------
@@ -713,9 +724,7 @@ class DetectorSettings(KafkaSettings):
             raise SettingsError(self.field_key("retention_seconds"),
                                 f"must be at least {HISTORY_SECONDS} s: the model's features "
                                 f"look back that far, got {self.retention_seconds:g}")
-        if not re.fullmatch(r"[1-9][0-9]*[kmgt]?", self.driver_memory.strip().lower()):
-            raise SettingsError(self.field_key("driver_memory"),
-                                f"expected a JVM size like 1g or 1536m, got {self.driver_memory!r}")
+        _check_jvm_sizes(self, "driver_memory")
         for definition in self.default_rules():
             if definition.window_us > self.retention_us:
                 name = f"{definition.kind}_window_seconds"
@@ -928,12 +937,61 @@ class TrainSettings(BaseSettings):
     def validate(self) -> None:
         super().validate()
         _check_local_paths(self, "parquet_dir", "models_dir")
+        _check_jvm_sizes(self, "driver_memory")
         _check_verdicts_url(self)
+
+
+@dataclass(frozen=True)
+class ClusterSettings(BaseSettings):
+    """One process of a Spark standalone cluster run from the installed pyspark
+    (``python -m spark_job.standalone master|worker``): what ``./setup.sh --local --cluster``
+    starts. The names are Spark's own environment variables for the same things."""
+
+    SECTION: typing.ClassVar[str] = "cluster"
+    PROG: typing.ClassVar[str] = "python -m spark_job.standalone"
+    DESCRIPTION: typing.ClassVar[str] = (
+        "Run a Spark standalone master or worker in the foreground, from the pyspark package "
+        "this Python has; the detector joins with SPARK_MASTER=spark://HOST:PORT."
+    )
+
+    host: str = setting(
+        "127.0.0.1", env="SPARK_CLUSTER_HOST",
+        help="address the master and workers listen on and announce (and where the master is)")
+    master_port: int = setting(
+        7077, env="SPARK_MASTER_PORT", minimum=1, maximum=65535, help="the master's port")
+    master_webui_port: int = setting(
+        8080, env="SPARK_MASTER_WEBUI_PORT", minimum=0, maximum=65535,
+        help="the master's web UI (cluster state, also as JSON under /json/); 0 = any free port")
+    worker_port: int = setting(
+        0, env="SPARK_WORKER_PORT", minimum=0, maximum=65535,
+        help="a worker's port; 0 = any free port (several workers share a host)")
+    worker_cores: int = setting(
+        1, env="SPARK_WORKER_CORES", minimum=1, help="cores a worker offers to executors")
+    worker_memory: str = setting(
+        "1g", env="SPARK_WORKER_MEMORY",
+        help="memory a worker offers to executors (an executor takes 1g unless "
+             "spark.executor.memory says otherwise)")
+    worker_webui_port: int = setting(
+        0, env="SPARK_WORKER_WEBUI_PORT", minimum=0, maximum=65535,
+        help="a worker's web UI; 0 = any free port (several workers share a host)")
+    work_dir: Path = setting(
+        Path("run/spark-work"), env="SPARK_WORKER_DIR",
+        help="where a worker keeps its executors' files and logs")
+    daemon_memory: str = setting(
+        "512m", env="SPARK_DAEMON_MEMORY", help="JVM heap of the master or worker process itself")
+
+    def validate(self) -> None:
+        super().validate()
+        _check_jvm_sizes(self, "worker_memory", "daemon_memory")
+
+    @property
+    def master_url(self) -> str:
+        return f"spark://{self.host}:{self.master_port}"
 
 
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     BrokerSettings, ProducerSettings, DetectorSettings, ConsumerSettings, DashboardSettings,
-    RulesSettings, TrainSettings,
+    RulesSettings, TrainSettings, ClusterSettings,
 )
 
 

@@ -325,6 +325,10 @@ class Detector:
         self.query = writer.start()
         if not settings.available_now:
             self.compaction.start()
+        ui = self.spark.sparkContext.uiWebUrl
+        if ui:
+            log.info("Spark UI of the detector: %s (application %s on %s)", ui,
+                     self.spark.sparkContext.applicationId, settings.spark_master)
         log.info("detector started: %s (rules from %s) -> %s, %s, console; parquet under %s "
                  "(epoch %s); checkpoint %s", settings.transactions_topic, settings.rules_topic,
                  settings.alerts_topic, settings.dlq_topic, settings.parquet_dir,

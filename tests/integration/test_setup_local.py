@@ -669,3 +669,64 @@ def test_stop_and_start_gives_alerts_again_and_keeps_every_earlier_alert(
     assert len(epochs_of(pipeline)) == 2
     archived = pipeline.root / "run" / "checkpoint" / "archived"
     assert len(list(archived.glob("epoch=*"))) == 1
+
+
+# --- --local --cluster: a Spark standalone master and two workers under the detector -----------
+
+CLUSTER_PIPELINE = ("broker", "producer", "detector")
+CLUSTER_SERVICES = ("spark-master", "spark-worker-1", "spark-worker-2")
+
+
+def processes_under(root: Path) -> list[int]:
+    """Live processes whose working directory is ``root`` or below it (the JVMs included)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            here = Path(os.readlink(entry / "cwd"))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+        if (here == root or root in here.parents) and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_cluster_option_runs_the_detector_on_a_standalone_master_and_two_workers(
+        tmp_path: Path) -> None:
+    master_port, ui_port = free_port(), free_port()
+    box = make_sandbox(tmp_path, CLUSTER_PIPELINE, PRODUCER_RATE="40",
+                       PRODUCER_FRAUD_RATIO="0.2", FRAUDSTREAM_STOP_TIMEOUT="30",
+                       SPARK_MASTER_PORT=str(master_port), SPARK_MASTER_WEBUI_PORT=str(ui_port))
+    try:
+        started = box.run("setup.sh", "--local", "--cluster", timeout=300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        master = f"spark://127.0.0.1:{master_port}"
+        assert f"waiting for the Spark master {master} to count 2 alive workers" \
+            in started.stdout
+        for service in CLUSTER_SERVICES:
+            assert box.pid(service) and alive(box.pid(service)), started.stdout
+        deadline = time.monotonic() + 300
+        while not parquet_alert_ids(box) and time.monotonic() < deadline:
+            time.sleep(2)
+        log = box.log("detector")
+        assert parquet_alert_ids(box), "no alert 300 s after the start:\n" + log[-4000:]
+        assert "Spark UI of the detector: " in log and f" on {master})" in log, log[-4000:]
+        status = box.run("setup.sh", "status")
+        lines = {line.split()[0]: line for line in status.stdout.splitlines() if line.strip()}
+        for service in CLUSTER_SERVICES:
+            assert f"running (pid {box.pid(service)}, up " in lines[service], status.stdout
+        assert f"Spark master {master}: 2 alive worker(s), 2 core(s)" in status.stdout
+        # The executors are the workers' children, in the sandbox's run/spark-work/.
+        assert any((box.root / "run" / "spark-work").glob("app-*/*/stderr"))
+
+        stopped = box.run("setup.sh", "stop", timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert wait_until_gone(processes_under(box.root)) == [], "processes left after stop"
+        status = box.run("setup.sh", "status")
+        for service in CLUSTER_SERVICES:
+            assert box.status_line(service).split()[1] == "stopped", status.stdout
+    finally:
+        box.run("setup.sh", "stop", timeout=120)
+        kill_leftovers(box, CLUSTER_PIPELINE + CLUSTER_SERVICES)
