@@ -627,7 +627,13 @@ supervise() {
   case "$svc" in
     spark-master) cmd+=(master) ;;
     spark-worker-*) cmd+=(worker) ;;
-    detector) [[ -z "${SETUP_CLUSTER_MASTER:-}" ]] || export SPARK_MASTER="$SETUP_CLUSTER_MASTER" ;;
+    trainer)
+      # The cluster's cores belong to the detector, which holds them for good: a trainer
+      # joining it would wait for executors forever. It trains on local[2] beside it.
+      if [[ -n "${SPARK_CLUSTER_HOST:-}" && "${SPARK_MASTER:-}" == "spark://$SPARK_CLUSTER_HOST:"* ]]; then
+        export SPARK_MASTER="local[2]"
+      fi
+      ;;
   esac
   if [[ "$svc" == trainer ]]; then
     # At a lower CPU priority: on 2 cores the detector keeps up while a round runs.
@@ -939,14 +945,14 @@ cluster_env() {
     usage_error "SPARK_MASTER_PORT must be a number, got '$SPARK_MASTER_PORT'"
   [[ "$SPARK_MASTER_WEBUI_PORT" =~ ^[0-9]+$ ]] ||
     usage_error "SPARK_MASTER_WEBUI_PORT must be a number, got '$SPARK_MASTER_WEBUI_PORT'"
-  export SETUP_CLUSTER_MASTER="spark://$SPARK_CLUSTER_HOST:$SPARK_MASTER_PORT"
+  export SPARK_MASTER="spark://$SPARK_CLUSTER_HOST:$SPARK_MASTER_PORT"
 }
 
 # Until the master counts both workers alive (the detector would otherwise wait for executors
 # with nothing but a warning).
 wait_for_cluster() {
   local deadline=$((SECONDS + HEALTH_TIMEOUT)) out="" svc
-  info "waiting for the Spark master $SETUP_CLUSTER_MASTER to count 2 alive workers ..."
+  info "waiting for the Spark master $SPARK_MASTER to count 2 alive workers ..."
   while ((SECONDS < deadline)); do
     out="$("$PY" -m spark_job.standalone status 2>&1 || true)"
     [[ "$out" == *": 2 alive worker"* ]] && return 0

@@ -141,7 +141,7 @@ def test_setup_help_lists_modes_commands_and_variables() -> None:
         assert word in result.stdout, word
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["frobnicate"], ["--local", "--cluster"]])
+@pytest.mark.parametrize("args", [["--bogus"], ["frobnicate"], ["--local", "start", "extra"]])
 def test_setup_rejects_bad_arguments_with_exit_2(args: list[str]) -> None:
     result = run(["./setup.sh", *args], REPO)
     assert result.returncode == 2, result.stdout + result.stderr
