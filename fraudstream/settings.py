@@ -660,9 +660,23 @@ class DetectorSettings(KafkaSettings):
     )
     spark_master: str = setting("local[2]", env="SPARK_MASTER", help="Spark master URL")
     driver_memory: str = setting(
-        "2g", env="SPARK_DRIVER_MEMORY",
+        "1g", env="SPARK_DRIVER_MEMORY",
         help="JVM heap of the Spark driver (spark.driver.memory, e.g. 1g or 1536m); in local "
-             "mode the executors live in it too",
+             "mode the executors live in it too (1g holds 100k users' state and 200k-row "
+             "batches: benchmarks.memory)",
+    )
+    state_store: str = setting(
+        "hdfs", env="STATE_STORE", choices=("hdfs", "rocksdb"),
+        help="where Spark keeps the rules' state between batches: hdfs = in the JVM heap, "
+             "every version written whole to the checkpoint; rocksdb = in RocksDB (native "
+             "memory bounded by STATE_STORE_MEMORY_MB, spilled to local disk), only each "
+             "batch's changes written to the checkpoint. Fixed by the checkpoint once a query "
+             "has started (Spark keeps the one it was started with)",
+    )
+    state_store_memory_mb: int = setting(
+        256, env="STATE_STORE_MEMORY_MB", minimum=16,
+        help="rocksdb: the native memory all RocksDB instances of the process share (block "
+             "cache and write buffers)",
     )
     shuffle_partitions: int = setting(
         2, env="SHUFFLE_PARTITIONS", minimum=1, help="spark.sql.shuffle.partitions (fixed by the "

@@ -297,6 +297,8 @@ class Detector:
                 settings.spark_master, app_name="fraudstream-detector",
                 shuffle_partitions=settings.shuffle_partitions,
                 driver_memory=settings.driver_memory.strip(),
+                state_store_provider=settings.state_store,
+                state_store_memory_mb=settings.state_store_memory_mb,
             )
         plan = build_detection_plan(
             open_transactions_stream(self.spark, settings),

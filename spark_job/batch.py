@@ -24,6 +24,7 @@ from pyspark.sql import DataFrame
 from fraudstream import datasets, schemas
 from fraudstream.rules import REFUSED
 from spark_job.detection_input import ARCHIVE, unpack
+from spark_job.memory import handled_rows
 from spark_job.plan import KIND_ALERT, KIND_ARCHIVE, KIND_RULE, KIND_STATS, RULE_CHANGE
 from spark_job.sinks import ParquetBatchSink, RecordSink, write_all
 from spark_job.validation import TRANSACTION_ROW_SCHEMA
@@ -50,6 +51,8 @@ class BatchOutcome:
     """What one batch produced; merged with Spark's progress into a metrics line."""
 
     batch_id: int
+    #: Records decoded from the transactions topic (valid and rejected).
+    records: int = 0
     dlq_rows: int = 0
     late_rows: int = 0
     duplicate_rows: int = 0
@@ -110,6 +113,8 @@ class BatchProcessor:
         outcome.stage_seconds = {"compute": collected - started, **outcome.stage_seconds}
         outcome.sink_seconds = time.monotonic() - started
         self.outcomes[batch_id] = outcome
+        del table
+        handled_rows(outcome.records)
 
     def process_table(self, table: pa.Table, batch_id: int) -> BatchOutcome:
         """Split one batch of tagged rows (the plan's output, as Arrow) and write every sink."""
@@ -163,7 +168,8 @@ class BatchProcessor:
         published = datetime.now(UTC)
         stages["sinks"] = time.monotonic() - mark
 
-        outcome = BatchOutcome(batch_id=batch_id, dlq_rows=len(dlq_records),
+        outcome = BatchOutcome(batch_id=batch_id, records=transactions.num_rows,
+                               dlq_rows=len(dlq_records),
                                late_rows=late_rows, duplicate_rows=duplicate_rows,
                                stage_seconds=stages, rule_changes=changes)
         for alert in alerts:

@@ -66,6 +66,8 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from spark_job.memory import handled_rows
+
 __all__ = [
     "FORMAT_NAME",
     "KafkaDataSource",
@@ -637,6 +639,7 @@ def read_partition_range(
         yield from _read_assigned(consumer, options, decoder, part)
     finally:
         consumer.close()
+    handled_rows(part.end - part.start)
 
 
 def _read_assigned(

@@ -43,6 +43,7 @@ from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 from fraudstream.model import ModelSource
 from fraudstream.rules import MICROS, BucketState, RuleAlert, RuleChange, RuleSet, Tx, alert_record
 from spark_job.detection_input import ARCHIVE, RULE_RECORD, read_rule_record
+from spark_job.memory import handled_rows
 from spark_job.validation import EVENT_TIME
 
 __all__ = [
@@ -126,9 +127,11 @@ class BucketStep:
         records: list[tuple[str | None, str | None, int]] = []
         late_rows = 0
         newest_us: int | None = None
+        rows = 0
         for frame in frames:
             if frame.empty:
                 continue
+            rows += len(frame)
             cells = frame.get(RULE_RECORD)
             if cells is not None and cells.notna().any():
                 is_rule = cells.notna()
@@ -162,6 +165,7 @@ class BucketStep:
         floor = watermark_us if newest_us is None else max(
             watermark_us, newest_us - self.watermark_delay_us)
         state.prune(floor, self.horizon_us)
+        handled_rows(rows)
         if alerts:
             yield _alerts_frame(alerts)
         if late_rows or duplicates:
