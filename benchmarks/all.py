@@ -18,7 +18,7 @@ from fraudstream.testing import REPO_ROOT, child_env
 
 __all__ = ["main"]
 
-ORDER = ("throughput", "latency", "memory", "rule_change", "quix_peer")
+ORDER = ("throughput", "cluster", "latency", "memory", "rule_change", "quix_peer")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -91,6 +91,21 @@ def test_throughput_quick_backfills_equal_the_oracle(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(1800)
+def test_cluster_quick_backfills_equal_the_oracle_on_both_masters(tmp_path: Path) -> None:
+    data, stdout = run_benchmark("cluster", tmp_path, "--sizes", "2000", "5000")
+    runs = data["runs"]
+    assert sorted({run["master"] for run in runs}) == ["local[2]", "standalone"]
+    for master in ("local[2]", "standalone"):
+        mine = [run for run in runs if run["master"] == master]
+        assert_backfills_match_oracle(mine, [2000, 5000])
+        assert_marginal_consistent(data["summary"][master], mine)
+        expected = "--spark-master=local[2]" if master == "local[2]" else "--spark-master=spark://"
+        assert all(any(arg.startswith(expected) for arg in run["command"]) for run in mine)
+    assert data["summary"]["all_match_oracle"] and data["summary"]["all_exit_zero"]
+    assert "standalone / local[2]" in stdout
+
+
+@pytest.mark.timeout(1800)
 def test_latency_quick_measures_high_value_and_velocity(tmp_path: Path) -> None:
     data, _ = run_benchmark("latency", tmp_path)
     (run,) = data["runs"]
