@@ -49,7 +49,6 @@ __all__ = [
     "WORKER_CLASS",
     "StandaloneCluster",
     "alive_workers",
-    "busy_executors",
     "driver_api",
     "launch_env",
     "main",
@@ -123,12 +122,6 @@ def driver_api(driver_ui: str, app_id: str, path: str) -> Any:
     """One answer of the driver's REST API (``/api/v1/applications/APP/PATH``), None when the
     driver does not answer."""
     return _get_json(f"{driver_ui.rstrip('/')}/api/v1/applications/{app_id}/{path}", timeout=1.0)
-
-
-def busy_executors(driver_ui: str, app_id: str) -> list[str]:
-    """Ids of the application's executors running a task now."""
-    found = driver_api(driver_ui, app_id, "executors") or []
-    return [e["id"] for e in found if e.get("id") != "driver" and e.get("activeTasks", 0) > 0]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
