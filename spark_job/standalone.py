@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -40,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fraudstream.broker import free_port
 from fraudstream.logs import setup_logging
 from fraudstream.settings import ClusterSettings, load_settings, run_entry_point
 from fraudstream.testing import child_env, end_group, start_process, wait_for
@@ -122,12 +122,6 @@ def driver_api(driver_ui: str, app_id: str, path: str) -> Any:
     """One answer of the driver's REST API (``/api/v1/applications/APP/PATH``), None when the
     driver does not answer."""
     return _get_json(f"{driver_ui.rstrip('/')}/api/v1/applications/{app_id}/{path}", timeout=1.0)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class StandaloneCluster:
