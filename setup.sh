@@ -1179,7 +1179,7 @@ describe_service() {
       fi
       ;;
     spark-master) echo "spark://127.0.0.1:$(cluster_port), UI http://127.0.0.1:$(cluster_port WEBUI_)" ;;
-    spark-worker-*) echo "1 core and 1g for the detector's executors" ;;
+    spark-worker-*) echo "${SPARK_WORKER_CORES:-1} core(s) and ${SPARK_WORKER_MEMORY:-1g} for the detector's executors" ;;
     dashboard) echo "http://${STREAMLIT_SERVER_ADDRESS:-127.0.0.1}:${STREAMLIT_SERVER_PORT:-8501}" ;;
     trainer)
       schedule="every ${TRAIN_EVERY_HOURS:-6} h"
