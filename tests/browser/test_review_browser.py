@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from support.browser import (
+    choose_option,
     new_page,
     served_dashboard,
     settled,
@@ -181,8 +182,7 @@ def test_record_a_verdict_from_the_queue_and_find_it_after_a_restart(
         assert {queue_rows(page)[a["user_id"]]["verdict"] for a in alerts[1:]} == {"unreviewed"}
 
         # Open the decided alert: its current verdict and audit trail, with the note.
-        by_key(page, "review.pick").click()
-        page.get_by_role("option").filter(has_text=newest["alert_id"][:8]).click()
+        choose_option(page, by_key(page, "review.pick"), newest["alert_id"][:8])
         by_key(page, f"review.verdict.{newest['alert_id']}").wait_for()
         page.get_by_text(f"Current verdict: fraud by {ANALYST}").first.wait_for()
         page.get_by_text(f"Note: {NOTE}").first.wait_for()

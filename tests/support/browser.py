@@ -127,6 +127,18 @@ def wait_on_page(condition: Callable[[], bool], what: str, timeout: float = TIME
     wait_for(condition, timeout, what, interval=0.05)
 
 
+def choose_option(page: Any, select: Any, text: str) -> None:
+    """Pick the option of a Streamlit select box whose label contains ``text``.
+
+    The open list renders only the options near its viewport, so an option far down a long
+    list is not in the page until the list scrolls to it: typing ``text`` into the box first
+    narrows the list to the matching options, which are then at its top.
+    """
+    select.click()
+    page.keyboard.type(text)
+    page.get_by_role("option").filter(has_text=text).first.click()
+
+
 def settled(page: Any) -> bool:
     """No element left over from the previous run (Streamlit dims those during a rerun)."""
     return page.locator('[data-testid="stElementContainer"][data-stale="true"]').count() == 0
