@@ -30,4 +30,7 @@ echo "tests/run.sh: ruff check"
 "$PYTHON" -m ruff check --quiet .
 
 export SPARK_LOCAL_IP=127.0.0.1
-exec "$PYTHON" -m pytest "$@"
+# Parallel workers (TEST_WORKERS, 0 for none), each with its own broker and Spark session; a
+# module's tests stay on one worker, so its module-scoped fixtures start once. A later `-n`
+# among the arguments wins.
+exec "$PYTHON" -m pytest -n "${TEST_WORKERS:-2}" --dist loadscope "$@"
