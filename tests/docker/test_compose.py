@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support.commands import require_tool
 
 from fraudstream import settings, topics
 
@@ -80,16 +81,6 @@ def env(service: str) -> dict[str, str]:
 def command(service: str) -> list[str]:
     cmd = services()[service].get("command")
     return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd or []]
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed (Debian: apt-get install -y {name})"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message}; CI must install it")
-    pytest.skip(message)
 
 
 def compose_env() -> dict[str, str]:

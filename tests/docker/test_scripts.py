@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.commands import path_without, require_tool
 
 from fraudstream import settings, topics
 
@@ -26,17 +27,6 @@ COPY_IGNORE = shutil.ignore_patterns(
     ".git", "run", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
     "parquet_data", "spark-warehouse", "metastore_db", "benchmarks", "tests", "docs",
 )
-
-
-def require_tool(name: str) -> str:
-    """Path of a CI-installed tool; skipped locally when absent, a failure under CI."""
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed (Debian: apt-get install -y {name})"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message}; CI must install it")
-    pytest.skip(message)
 
 
 def make_sandbox(tmp_path: Path) -> Path:
@@ -52,23 +42,6 @@ def write_executable(path: Path, text: str) -> Path:
     path.write_text(text)
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
-
-
-def path_without(tmp_path: Path, *names: str) -> str:
-    """A PATH with every executable of the current PATH except ``names`` (no docker at all, no
-    java, ...), built as a folder of symlinks."""
-    farm = tmp_path / "path-without"
-    farm.mkdir()
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        if not folder or not os.path.isdir(folder):
-            continue
-        for entry in os.scandir(folder):
-            target = farm / entry.name
-            if entry.name in names or target.exists() or target.is_symlink():
-                continue
-            if entry.is_file() and os.access(entry.path, os.X_OK):
-                target.symlink_to(entry.path)
-    return str(farm)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -278,7 +251,7 @@ def test_missing_java_stops_setup_with_install_instructions(tmp_path: Path) -> N
         (root / "spark_job").mkdir(exist_ok=True)
         (root / "spark_job" / "__main__.py").write_text("raise SystemExit(0)\n")
     env = clean_env(FRAUDSTREAM_SERVICES="detector", FRAUDSTREAM_PYTHON=sys.executable,
-                    PATH=path_without(tmp_path, "java", "docker"))
+                    PATH=path_without(tmp_path / "path-without", "java", "docker"))
     result = run(["./setup.sh"], root, env)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no docker client installed: using local mode" in result.stdout
@@ -323,7 +296,7 @@ def test_reset_deletes_models_but_not_what_a_models_symlink_points_to(tmp_path: 
     (outside / "model.json").write_text("{}")
     (root / "models").symlink_to(outside.parent)
     env = clean_env(FRAUDSTREAM_PYTHON=sys.executable,
-                    PATH=path_without(tmp_path, "docker", "docker-compose"))
+                    PATH=path_without(tmp_path / "path-without", "docker", "docker-compose"))
     result = run(["./reset.sh", "--yes"], root, env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not (root / "models").exists() and not (root / "models").is_symlink()

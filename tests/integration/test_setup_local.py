@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from support.commands import path_without
 
 from fraudstream import datasets, schemas, topics
 from fraudstream.broker import free_port
@@ -41,21 +42,6 @@ COPY_IGNORE = shutil.ignore_patterns(
 )
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _path_without_docker(folder: Path) -> str:
-    """The current PATH as a folder of symlinks, minus every docker* executable."""
-    folder.mkdir()
-    for entry_dir in os.environ.get("PATH", "").split(os.pathsep):
-        if not entry_dir or not os.path.isdir(entry_dir):
-            continue
-        for entry in os.scandir(entry_dir):
-            target = folder / entry.name
-            if entry.name.startswith("docker") or target.exists() or target.is_symlink():
-                continue
-            if entry.is_file() and os.access(entry.path, os.X_OK):
-                target.symlink_to(entry.path)
-    return str(folder)
 
 
 class Sandbox:
@@ -181,7 +167,7 @@ def make_sandbox(base: Path, services: tuple[str, ...], **extra: str) -> Sandbox
             "SETUP_", "ON_BROKER_RESET", "MODELS_DIR", "TRAIN_", "VERDICTS_URL")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update({
-        "PATH": _path_without_docker(base / "bin"),
+        "PATH": path_without(base / "bin", prefix="docker"),
         "FRAUDSTREAM_PYTHON": sys.executable,
         "FRAUDSTREAM_SERVICES": " ".join(services),
         "BROKER_PORT": str(free_port()),

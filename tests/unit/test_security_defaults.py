@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.commands import path_without
 
 from fraudstream.broker import EmbeddedBroker
 from fraudstream.settings import (
@@ -281,7 +282,9 @@ def test_reset_deletes_only_generated_state_and_kills_no_stranger(tmp_path: Path
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("KAFKA_", "BROKER_", "FRAUDSTREAM_", "STREAMLIT_"))}
         env["FRAUDSTREAM_PYTHON"] = sys.executable
-        env["PATH"] = path_without_docker(tmp_path / "bin")
+        # Without any docker client reset.sh takes its local branch (the Docker branch is
+        # covered in tests/docker/test_scripts.py).
+        env["PATH"] = path_without(tmp_path / "bin", prefix="docker")
         result = subprocess.run(["./reset.sh", "--yes"], cwd=root, env=env,
                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                 timeout=120)
@@ -300,22 +303,6 @@ def test_reset_deletes_only_generated_state_and_kills_no_stranger(tmp_path: Path
     assert (tmp_path / "sibling.txt").exists() and (root / "notes.txt").read_text() == "mine"
     for kept in ("setup.sh", "reset.sh", "pyproject.toml", "fraudstream", "docker-compose.yml"):
         assert (root / kept).exists(), kept
-
-
-def path_without_docker(folder: Path) -> str:
-    """The current PATH as a folder of symlinks without any docker client, so reset.sh takes
-    its local branch (the Docker branch is covered in tests/docker/test_scripts.py)."""
-    folder.mkdir()
-    for entry_dir in os.environ.get("PATH", "").split(os.pathsep):
-        if not entry_dir or not os.path.isdir(entry_dir):
-            continue
-        for entry in os.scandir(entry_dir):
-            target = folder / entry.name
-            if entry.name.startswith("docker") or target.exists() or target.is_symlink():
-                continue
-            if entry.is_file() and os.access(entry.path, os.X_OK):
-                target.symlink_to(entry.path)
-    return str(folder)
 
 
 def test_reset_deletes_nothing_but_run_parquet_data_and_models() -> None:
