@@ -12,6 +12,12 @@ topic stamps the arrival of every alert.
 latency = alert arrival - send time of the alert's trigger transaction: the newest event time
 among its ``transaction_ids`` (the one that made the rule true; for high_value the single id).
 
+``--preload N --preload-users U`` puts a history in the detector's state first: N ordinary
+transactions of a pool of U users, event times spread over the five minutes before the start
+(inside every rule's retention), produced before the detector starts; its first batches read
+them, and the live traffic then meets a state holding that many users (the distinct count is
+reported). The oracle judges the preload and the live traffic together.
+
 The first ``--warmup`` seconds after the detector's first batch are skipped (Spark start-up
 leaves a backlog). Sampling covers triggers sent between the end of the warm-up and the end of
 ``--duration``; after the sender stops, the run waits (up to ``--drain`` s) for the alerts the
@@ -31,9 +37,12 @@ from typing import Any, Protocol
 from benchmarks.live import AlertTail, PacedSender, SentTx, TriggerInjector, live_generator
 from benchmarks.report import Report, add_detector_args, base_parser, format_table, say, work_dir
 from benchmarks.workload import (
+    DataSpec,
     detector_command,
+    generate,
     metrics_path,
     oracle_by_id,
+    preload,
     read_json_lines,
     summarize_batches,
 )
@@ -137,6 +146,7 @@ def measure_latency(bootstrap: str, rate: float, args: argparse.Namespace, work:
     topics = fresh_topics(bootstrap, f"lat-{label}-{int(rate)}", args.partitions)
     run_dir = work / f"latency-{label}-{int(rate)}-{uuid.uuid4().hex[:6]}"
     generator = live_generator(rate, args.live_fraud_ratio, args.seed)
+    history = preload_history(bootstrap, topics.transactions, args)
     tail = AlertTail(bootstrap, topics.alerts)
     tail.start()
     tail.ready.wait(30)
@@ -168,7 +178,7 @@ def measure_latency(bootstrap: str, rate: float, args: argparse.Namespace, work:
         stopped = sender.stopped_at or time.time()
 
         sent = dict(sender.sent)
-        expected = oracle_by_id(list(sender.transactions))
+        expected = oracle_by_id([*history, *sender.transactions])
         wanted = {}
         for alert_id, alert in expected.items():
             trigger = trigger_of(alert["transaction_ids"], sent)
@@ -197,7 +207,29 @@ def measure_latency(bootstrap: str, rate: float, args: argparse.Namespace, work:
     result["own_metrics"] = processor.own_metrics(measure_from, drained)
     result["users"] = generator.initial_users
     result["extra_users"] = generator.extra_users
+    result["preloaded"] = len(history)
+    result["preloaded_distinct_users"] = len({tx["user_id"] for tx in history})
     return result
+
+
+#: Event time the preloaded history spans, ending at the detector's start.
+PRELOAD_SPAN_SECONDS = 300.0
+
+
+def preload_history(bootstrap: str, topic: str, args: argparse.Namespace
+                    ) -> list[schemas.Transaction]:
+    """``--preload`` transactions of ``--preload-users`` users on ``topic`` before the detector
+    starts (none when ``--preload`` is 0); returns them for the oracle."""
+    count = args.preload
+    if not count:
+        return []
+    spec = DataSpec(count=count, rate=count / PRELOAD_SPAN_SECONDS, users=args.preload_users,
+                    fraud_ratio=args.live_fraud_ratio, seed=args.seed + 1)
+    history = generate(spec)
+    loaded = preload(bootstrap, topic, history)
+    say(f"  preloaded {count:,} transactions of {len({tx['user_id'] for tx in history}):,} "
+        f"users in {loaded['seconds']} s")
+    return history
 
 
 def analyse(received: Sequence[tuple[float, dict[str, Any]]], sent: Mapping[str, SentTx],
@@ -261,6 +293,11 @@ def add_latency_args(parser: argparse.ArgumentParser, default_rates: Sequence[fl
                         help="seconds between the four payments of an injected velocity burst")
     parser.add_argument("--startup-timeout", type=float, default=600.0,
                         help="seconds to wait for the first batch")
+    parser.add_argument("--preload", type=int, default=0, metavar="N",
+                        help="transactions put on the topic before the detector starts, so its "
+                             "state holds their users during the run (default 0)")
+    parser.add_argument("--preload-users", type=int, default=100_000, metavar="U",
+                        help="users of the preloaded transactions (default 100000)")
 
 
 def resolve_latency_args(args: argparse.Namespace, default_rates: Sequence[float]) -> None:
@@ -277,7 +314,8 @@ def latency_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"rates": args.rates, "duration": args.duration, "warmup": args.warmup,
             "drain": args.drain, "live_fraud_ratio": args.live_fraud_ratio, "seed": args.seed,
             "triggers_per_second": args.triggers_per_second, "velocity_gap": args.velocity_gap,
-            "partitions": args.partitions}
+            "partitions": args.partitions, "preload": args.preload,
+            "preload_users": args.preload_users}
 
 
 def headline(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

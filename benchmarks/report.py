@@ -157,9 +157,15 @@ def git_revision() -> dict[str, Any]:
 # --- results ----------------------------------------------------------------------------------
 
 
+def result_stem(name: str, variant: str | None = None) -> str:
+    """``<name>`` or, for a named variant of a benchmark's workload, ``<name>-<variant>``."""
+    return f"{name}-{variant}" if variant else name
+
+
 def write_results(name: str, payload: Mapping[str, Any], results_dir: Path) -> Path:
     """``<name>-latest.json``, replacing the previous run's (earlier runs live in git history;
-    the payload names its commit, machine and start time)."""
+    the payload names its commit, machine and start time). ``name`` may carry a variant
+    (``result_stem``), so a variant's latest result sits beside the default one's."""
     results_dir.mkdir(parents=True, exist_ok=True)
     latest = results_dir / f"{name}-latest.json"
     latest.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n",
@@ -182,8 +188,10 @@ class Report:
         self.name = name
         self.args = args
         self.started = utc_now()
+        self.variant: str | None = getattr(args, "variant", None)
         self.payload: dict[str, Any] = {
             "benchmark": name,
+            "variant": self.variant,
             "quick": bool(args.quick),
             "started_at": self.started.isoformat(),
             "command": [sys.executable, "-m", f"benchmarks.{name}", *sys.argv[1:]],
@@ -198,7 +206,8 @@ class Report:
         self.payload["machine"]["load_average_after"] = load_average()
         self.payload["finished_at"] = utc_now().isoformat()
         self.payload["elapsed_seconds"] = round((utc_now() - self.started).total_seconds(), 1)
-        return write_results(self.name, self.payload, Path(self.args.results_dir))
+        return write_results(result_stem(self.name, self.variant), self.payload,
+                             Path(self.args.results_dir))
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -238,7 +247,19 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed")
     parser.add_argument("--partitions", type=int, default=3,
                         help="partitions of the transactions topic")
+    parser.add_argument("--variant", type=variant_name, default=None, metavar="NAME",
+                        help="names a non-default workload (e.g. an alert storm): the result "
+                             "goes to <benchmark>-NAME-latest.json and leaves the default "
+                             "run's file alone")
     return parser
+
+
+def variant_name(value: str) -> str:
+    """A variant becomes part of a file name: lower-case letters, digits and dashes only."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: use lower-case letters, digits and dashes (e.g. alert-storm)")
+    return value
 
 
 def add_detector_args(parser: argparse.ArgumentParser) -> None:

@@ -179,8 +179,9 @@ def format_timestamp(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and a ``Z`` suffix, as in docs/contract.md."""
     if moment.tzinfo is None:
         raise ValueError("event time must carry a timezone")
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    # isoformat truncates to milliseconds like the contract; it is several times faster
+    # than strftime, which matters when a batch formats tens of thousands of alerts.
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ class BatchProcessor:
         is_valid = pc.is_null(transactions.column("error_reason"))
         valid = transactions.filter(is_valid)
         rejected = transactions.filter(pc.invert(is_valid)).select(list(DLQ_COLUMNS)).to_pylist()
-        alert_rows = table.filter(pc.equal(kind, KIND_ALERT)).to_pylist()
+        alerts, triggers = _alerts_of(table.filter(pc.equal(kind, KIND_ALERT)))
         changes = [json.loads(text) for text in
                    table.filter(pc.equal(kind, KIND_RULE)).column(RULE_CHANGE).to_pylist()]
         changes.sort(key=lambda change: change["offset"])
@@ -134,15 +134,6 @@ class BatchProcessor:
         late_rows = int(pc.sum(stats.column("late_rows")).as_py() or 0)
         duplicate_rows = int(pc.sum(stats.column("duplicate_rows")).as_py() or 0)
 
-        alerts: list[dict[str, Any]] = []
-        for record in alert_rows:
-            alert = {name: record[name] for name in schemas.ALERT_FIELDS if name != "user_id"}
-            alert["user_id"] = record["alert_user_id"]
-            for name in ("window_start", "window_end", "detected_at"):
-                alert[name] = _utc(alert[name])
-            alert["_trigger_kafka_timestamp"] = _utc(record["trigger_kafka_timestamp"])
-            alerts.append(alert)
-        alerts.sort(key=lambda a: (a["detected_at"], a["rule"], a["user_id"]))
         rejected_at = datetime.now(UTC)
         dlq_records = []
         for record in rejected:
@@ -163,8 +154,7 @@ class BatchProcessor:
                 _log_change(change)
             write_all(self.outputs.rule_changes, batch_id, changes)
         write_all(self.outputs.dlq, batch_id, dlq_records)
-        public_alerts = [{k: v for k, v in a.items() if not k.startswith("_")} for a in alerts]
-        write_all(self.outputs.alerts, batch_id, public_alerts)
+        write_all(self.outputs.alerts, batch_id, alerts)
         published = datetime.now(UTC)
         stages["sinks"] = time.monotonic() - mark
 
@@ -172,12 +162,40 @@ class BatchProcessor:
                                dlq_rows=len(dlq_records),
                                late_rows=late_rows, duplicate_rows=duplicate_rows,
                                stage_seconds=stages, rule_changes=changes)
-        for alert in alerts:
+        for alert, trigger in zip(alerts, triggers, strict=True):
             outcome.alerts[alert["rule"]] += 1
-            trigger = alert["_trigger_kafka_timestamp"]
             if trigger is not None:
                 outcome.latencies_ms.append((published - trigger).total_seconds() * 1000)
         return outcome
+
+
+#: The plan's column of each alert field (the user's is renamed there, next to the input's).
+_ALERT_COLUMN_OF = {name: "alert_user_id" if name == "user_id" else name
+                    for name in schemas.ALERT_FIELDS}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _python_values(column: pa.ChunkedArray) -> list[Any]:
+    """A column as Python values, timestamps as UTC datetimes (naive ones hold UTC: the session
+    time zone is UTC). Built from epoch microseconds, because pyarrow's own conversion of
+    zone-aware timestamps cost more than the rest of an alert storm's split."""
+    if pa.types.is_timestamp(column.type):
+        micros = column.cast(pa.timestamp("us", column.type.tz), safe=False).cast(pa.int64())
+        return [None if us is None else _EPOCH + timedelta(microseconds=us)
+                for us in micros.to_pylist()]
+    return column.to_pylist()
+
+
+def _alerts_of(rows: pa.Table) -> tuple[list[dict[str, Any]], list[datetime | None]]:
+    """The contract's alerts among one batch's tagged rows, ordered by detection time, rule and
+    user, and the Kafka timestamp of each one's trigger (for the latency metric)."""
+    rows = rows.take(pc.sort_indices(rows, [("detected_at", "ascending"), ("rule", "ascending"),
+                                            ("alert_user_id", "ascending")]))
+    columns = [_python_values(rows.column(_ALERT_COLUMN_OF[name]))
+               for name in schemas.ALERT_FIELDS]
+    alerts = [dict(zip(schemas.ALERT_FIELDS, values, strict=True))
+              for values in zip(*columns, strict=True)]
+    return alerts, _python_values(rows.column("trigger_kafka_timestamp"))
 
 
 def _log_change(change: dict[str, Any]) -> None:

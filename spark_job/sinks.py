@@ -147,11 +147,22 @@ class KafkaJsonSink:
             if error is not None:
                 errors.append(error)
 
+        # A batch's alerts share few distinct times (one detection time per state bucket):
+        # each is formatted once.
+        texts: dict[datetime, str] = {}
+
+        def ready(value: Any) -> Any:
+            if not isinstance(value, datetime):
+                return value
+            text = texts.get(value)
+            if text is None:
+                text = texts[value] = schemas.format_timestamp(value)
+            return text
+
         for record in records:
             key = record.get(self.key_field)
-            value = {name: record.get(name) for name in self.fields}
-            payload = json.dumps(schemas.to_json_ready(value), separators=(",", ":"),
-                                 ensure_ascii=False)
+            payload = json.dumps({name: ready(record.get(name)) for name in self.fields},
+                                 separators=(",", ":"), ensure_ascii=False)
             while True:
                 try:
                     self.producer.produce(self.topic, key=key, value=payload.encode(),
@@ -194,8 +205,11 @@ class ConsoleAlertSink:
         self.colour = self.stream.isatty() and "NO_COLOR" not in os.environ
 
     def write(self, batch_id: int, records: Sequence[Record]) -> None:
-        for record in records:
-            print(format_alert_line(record, self.colour), file=self.stream)
+        if not records:
+            return
+        # One write per batch: a print per alert cost more than formatting it.
+        self.stream.write("".join(f"{format_alert_line(record, self.colour)}\n"
+                                  for record in records))
         self.stream.flush()
 
     def close(self) -> None:
