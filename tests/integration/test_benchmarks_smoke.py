@@ -24,20 +24,22 @@ VERSION_KEYS = {"python", "pyspark", "java", "confluent_kafka", "quixstreams"}
 ENV = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYARROW_IGNORE_TIMEZONE": "1"}
 
 
-def run_benchmark(name: str, tmp_path: Path, *extra: str) -> tuple[dict[str, Any], str]:
+def run_benchmark(name: str, tmp_path: Path, *extra: str, variant: str | None = None
+                  ) -> tuple[dict[str, Any], str]:
     results = tmp_path / "results"
+    named = [f"--variant={variant}"] if variant else []
     done = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{name}", "--quick", f"--results-dir={results}",
-         *extra],
+         *named, *extra],
         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=1500,
     )
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    latest = results / f"{name}-latest.json"
+    latest = results / f"{name}{f'-{variant}' if variant else ''}-latest.json"
     # One file per benchmark: the latest run replaces the previous one.
     assert sorted(p.name for p in results.iterdir()) == [latest.name]
     assert f"results: {latest}" in done.stdout
     data = json.loads(latest.read_text())
-    assert data["benchmark"] == name and data["quick"] is True
+    assert data["benchmark"] == name and data["variant"] == variant and data["quick"] is True
     assert set(data["machine"]) >= MACHINE_KEYS and data["machine"]["cpu_count"] >= 1
     assert set(data["versions"]) >= VERSION_KEYS and data["versions"]["pyspark"]
     assert data["settings"]
@@ -107,8 +109,10 @@ def test_cluster_quick_backfills_equal_the_oracle_on_both_masters(tmp_path: Path
 
 @pytest.mark.timeout(1800)
 def test_latency_quick_measures_high_value_and_velocity(tmp_path: Path) -> None:
-    data, _ = run_benchmark("latency", tmp_path)
+    data, _ = run_benchmark("latency", tmp_path, "--preload=600", "--preload-users=400",
+                            variant="preloaded")
     (run,) = data["runs"]
+    assert run["preloaded"] == 600 and 0 < run["preloaded_distinct_users"] <= 400
     assert "error" not in run, run.get("log_tail")
     assert run["exit_code"] == 0 and run["rate"] == 100
     for rule in (schemas.HIGH_VALUE, schemas.VELOCITY):
