@@ -23,11 +23,10 @@ fewer rows than the offsets promise.
 The end of a partition is found by reading, not only by asking. Some brokers (the embedded
 Tansu) answer ListOffsets with the last record batch's base offset + 1, so after one batch of
 1000 records the "high watermark" is 1. The driver therefore keeps one assigned consumer alive
-and, on every ``latestOffset``, fetches from ``max(reported high, known end, start)`` until the
-broker signals end-of-partition, or until it has read up to the high watermark of a fetch
-response (exact on Tansu too: on a busy partition end-of-partition may never come, as new
-records keep arriving); the highest offset seen + 1 is the end. On a broker whose watermark is
-exact that fetch returns nothing and costs one round trip (~10-20 ms).
+and, on every ``latestOffset``, fetches from ``max(reported high, known end, start)``: the high
+watermark in the fetch response is exact on Tansu too, so the first one above the start is the
+end (or, at the end already, the broker signals end-of-partition). On a broker whose ListOffsets
+answer is exact that fetch returns nothing and costs one round trip (~10-20 ms).
 """
 
 from __future__ import annotations
@@ -591,13 +590,15 @@ class OffsetProber:
                     if p in caps and found[p] >= caps[p]:
                         pending.discard(p)
                 for p in list(pending):
-                    # Read up to the high watermark of the latest fetch response: that was the
-                    # end when the broker answered. Records produced since are the next
-                    # batch's; waiting for an end-of-partition event on a busy partition would
-                    # chase its tail until the timeout.
+                    # A fetch response's high watermark is exact, also on Tansu: records
+                    # exist below it. One above the start ends the probe of that partition
+                    # without reading the rest of the way (one fetch round trip per record
+                    # batch on Tansu), and without chasing the tail of a busy partition,
+                    # whose end-of-partition event may never come.
                     _, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
                                                              cached=True)
-                    if found[p] > begin[p] and found[p] >= high >= 0:
+                    if high > begin[p]:
+                        found[p] = max(found[p], high)
                         pending.discard(p)
             for p in list(pending):
                 # A fetch beyond the end of a partition is answered with no records and no
