@@ -157,17 +157,13 @@ def git_revision() -> dict[str, Any]:
 # --- results ----------------------------------------------------------------------------------
 
 
-def result_stem(name: str, variant: str | None = None) -> str:
-    """``<name>`` or, for a named variant of a benchmark's workload, ``<name>-<variant>``."""
-    return f"{name}-{variant}" if variant else name
-
-
-def write_results(name: str, payload: Mapping[str, Any], results_dir: Path) -> Path:
+def write_results(name: str, payload: Mapping[str, Any], results_dir: Path,
+                  variant: str | None = None) -> Path:
     """``<name>-latest.json``, replacing the previous run's (earlier runs live in git history;
-    the payload names its commit, machine and start time). ``name`` may carry a variant
-    (``result_stem``), so a variant's latest result sits beside the default one's."""
+    the payload names its commit, machine and start time); ``<name>-<variant>-latest.json``
+    for a named variant of the workload, beside the default run's."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    latest = results_dir / f"{name}-latest.json"
+    latest = results_dir / f"{name}{f'-{variant}' if variant else ''}-latest.json"
     latest.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n",
                       encoding="utf-8")
     return latest
@@ -188,10 +184,9 @@ class Report:
         self.name = name
         self.args = args
         self.started = utc_now()
-        self.variant: str | None = getattr(args, "variant", None)
         self.payload: dict[str, Any] = {
             "benchmark": name,
-            "variant": self.variant,
+            "variant": args.variant,
             "quick": bool(args.quick),
             "started_at": self.started.isoformat(),
             "command": [sys.executable, "-m", f"benchmarks.{name}", *sys.argv[1:]],
@@ -206,8 +201,8 @@ class Report:
         self.payload["machine"]["load_average_after"] = load_average()
         self.payload["finished_at"] = utc_now().isoformat()
         self.payload["elapsed_seconds"] = round((utc_now() - self.started).total_seconds(), 1)
-        return write_results(result_stem(self.name, self.variant), self.payload,
-                             Path(self.args.results_dir))
+        return write_results(self.name, self.payload, Path(self.args.results_dir),
+                             self.args.variant)
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
